@@ -1,0 +1,374 @@
+"""Dataclass configs and presets: the one source of truth for every run.
+
+A run is described by :class:`RunConfig`, made of five sections (model, parallel,
+train, data, checkpoint). Presets (``tiny``, ``4090``, ``b200``, ``18b``) build a
+``RunConfig``; the CLI then applies overrides from a YAML/JSON file and from
+``--set section.field=value`` (a bare ``field=value`` works when the name is unique).
+
+Every field carries its help text in ``metadata["help"]`` so that ``--help`` and
+the docs cannot drift from the code. Validation happens in ``__post_init__`` and
+raises :class:`ConfigError` naming the field, the expected and the found value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the field and what to do."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse wording
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _require(cond: bool, section: str, name: str, expected: str, found: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{section}.{name}: expected {expected}, found {found!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the decoder-only MoE LM. Changing any of these makes a new model:
+    a checkpoint only resumes into a model whose ModelConfig is equal."""
+
+    vocab_size: int = _f(320, "Vocabulary size (embedding rows); must be >= the tokenizer's vocabulary.")
+    d_model: int = _f(128, "Hidden size.")
+    n_layers: int = _f(2, "Number of transformer blocks (each has an MoE feed-forward).")
+    n_heads: int = _f(4, "Attention query heads; d_model must be divisible by it.")
+    n_kv_heads: Optional[int] = _f(None, "Key/value heads for grouped-query attention (None = n_heads).")
+    d_ff: int = _f(256, "Hidden size of each expert.")
+    num_experts: int = _f(8, "Experts per MoE layer (global count, before expert parallelism).")
+    top_k: int = _f(2, "Experts each token is routed to.")
+    expert_type: str = _f(
+        "swiglu",
+        "'swiglu' (gate, up, down matrices) or 'silu_mlp' (the seed's two-matrix SiLU MLP).",
+    )
+    shared_expert: bool = _f(False, "Add one always-on dense expert of size d_ff beside the routed ones.")
+    load_balancing_weight: float = _f(0.01, "Weight of the Switch-style load-balancing loss.")
+    router_noise_std: float = _f(0.1, "Std of Gaussian noise added to router logits in training (seed: 0.1).")
+    max_seq_len: int = _f(128, "Longest sequence the rotary tables cover.")
+    rope_theta: float = _f(10000.0, "Rotary embedding base.")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
+    init_std: float = _f(0.02, "Std of the normal initialisation of weight matrices.")
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "top_k", "max_seq_len"):
+            _require(int(getattr(self, name)) > 0, s, name, "a positive integer", getattr(self, name))
+        _require(self.d_model % self.n_heads == 0, s, "d_model", f"a multiple of n_heads ({self.n_heads})", self.d_model)
+        _require((self.d_model // self.n_heads) % 2 == 0, s, "d_model", "a head size that is even (rotary)", self.d_model)
+        kv = self.kv_heads
+        _require(self.n_heads % kv == 0, s, "n_kv_heads", f"a divisor of n_heads ({self.n_heads})", self.n_kv_heads)
+        _require(self.top_k <= self.num_experts, s, "top_k", f"<= num_experts ({self.num_experts})", self.top_k)
+        _require(self.expert_type in ("swiglu", "silu_mlp"), s, "expert_type", "'swiglu' or 'silu_mlp'", self.expert_type)
+        _require(self.load_balancing_weight >= 0, s, "load_balancing_weight", ">= 0", self.load_balancing_weight)
+        _require(self.router_noise_std >= 0, s, "router_noise_std", ">= 0", self.router_noise_std)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes. None of these change the model's maths
+    (up to float reordering), so a checkpoint may be resumed under other values."""
+
+    zero_stage: Optional[int] = _f(None, "DeepSpeed ZeRO stage 1, 2 or 3 (None = the launch config's JSON).")
+    ep_size: int = _f(1, "Expert-parallel degree: ranks that split one layer's experts. Divides world size and num_experts.")
+    offload_optimizer: Optional[bool] = _f(None, "Offload optimizer states to CPU (None = launch config).")
+    offload_params: Optional[bool] = _f(None, "Offload parameters to CPU, ZeRO-3 only (None = launch config).")
+    capacity_factor: Optional[float] = _f(
+        None, "Expert capacity as a multiple of the fair share of tokens; overflow is dropped. None = dropless."
+    )
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.")
+    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
+
+    def __post_init__(self) -> None:
+        s = "parallel"
+        _require(self.zero_stage in (None, 0, 1, 2, 3), s, "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        _require(int(self.ep_size) >= 1, s, "ep_size", "a positive integer", self.ep_size)
+        _require(self.capacity_factor is None or self.capacity_factor > 0, s, "capacity_factor", "> 0 or None", self.capacity_factor)
+        _require(self.precision in ("auto", "fp32", "bf16"), s, "precision", "'auto', 'fp32' or 'bf16'", self.precision)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Learning rates, max_steps and clipping may change on resume;
+    the global batch should not (it changes what a step means)."""
+
+    global_batch_size: int = _f(
+        12, "Sequences per optimizer step, whatever the world size (micro_batch x grad_accum x data-parallel size)."
+    )
+    micro_batch_size: int = _f(2, "Sequences per rank per forward pass; grad accumulation is derived.")
+    seq_len: int = _f(128, "Tokens per training sequence (<= model.max_seq_len).")
+    max_steps: int = _f(200, "Optimizer steps to train for (absolute: a resumed run stops at this step).")
+    warmup_steps: int = _f(10, "Linear LR warmup, in optimizer steps (not micro-batches).")
+    min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of the peak LR.")
+    muon_lr: float = _f(0.02, "Peak LR of Muon (2-D hidden matrices, router).")
+    adamw_lr: float = _f(3e-3, "Peak LR of AdamW (embeddings, norms, biases).")
+    weight_decay: float = _f(0.1, "Decoupled weight decay of both optimizers.")
+    adam_betas: tuple = _f((0.9, 0.95), "AdamW betas.")
+    muon_momentum: float = _f(0.95, "Muon momentum.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    optimizer: str = _f("muon", "'muon' (Muon + AdamW) or 'adamw' (AdamW for everything).")
+    muon_router: bool = _f(True, "Train the router weight with Muon (as the seed does) rather than AdamW.")
+    eval_every: int = _f(50, "Validate every N optimizer steps (0 = never).")
+    eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
+    log_every: int = _f(1, "Print a log line every N steps (metrics.jsonl gets every step).")
+    seed: int = _f(1234, "Seed of weights, data order and router noise.")
+
+    def __post_init__(self) -> None:
+        s = "train"
+        for name in ("global_batch_size", "micro_batch_size", "seq_len", "max_steps", "log_every"):
+            _require(int(getattr(self, name)) > 0, s, name, "a positive integer", getattr(self, name))
+        _require(self.warmup_steps >= 0, s, "warmup_steps", ">= 0", self.warmup_steps)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "between 0 and 1", self.min_lr_ratio)
+        _require(self.optimizer in ("muon", "adamw"), s, "optimizer", "'muon' or 'adamw'", self.optimizer)
+        _require(self.muon_lr > 0 and self.adamw_lr > 0, s, "muon_lr/adamw_lr", "> 0", (self.muon_lr, self.adamw_lr))
+        _require(self.grad_clip >= 0, s, "grad_clip", ">= 0", self.grad_clip)
+        _require(self.eval_every >= 0, s, "eval_every", ">= 0", self.eval_every)
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is tokenized."""
+
+    data_files: list = _f([], "Local .txt/.json/.jsonl/.parquet files; empty = the built-in offline corpus.")
+    dataset: Optional[str] = _f(None, "A Hugging Face hub dataset name (needs a network) instead of data_files.")
+    dataset_split: str = _f("train", "Split of the hub dataset to read.")
+    text_field: str = _f("text", "Column holding the text in JSON/parquet/hub data.")
+    tokenizer: str = _f("byte", "'byte' (no download) or a local Hugging Face tokenizer directory.")
+    val_fraction: float = _f(0.05, "Fraction of packed blocks held out for validation (disjoint from train).")
+    max_corpus_bytes: int = _f(4_000_000, "Cap on bytes read from the built-in corpus (keeps the demo fast).")
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 1.0, "data", "val_fraction", "between 0 and 1 (exclusive)", self.val_fraction)
+        if isinstance(self.data_files, str):
+            self.data_files = [p for p in self.data_files.split(",") if p]
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often state is saved, and what to resume from."""
+
+    output_dir: str = _f("runs/default", "Run folder: metrics.jsonl and checkpoints/ live here.")
+    save_every: int = _f(5000, "Save checkpoint_step_<N> every N optimizer steps (0 = only at the end).")
+    keep_last: int = _f(0, "Keep only the newest K periodic checkpoints (0 = keep all).")
+    resume: Optional[str] = _f(None, "A checkpoint folder, checkpoint_latest, or 'auto' (newest complete one, if any).")
+    async_save: bool = _f(False, "Write checkpoints in the background while training continues.")
+    verify: bool = _f(True, "Verify the checkpoint manifest (sizes, checksums) before loading.")
+
+    def __post_init__(self) -> None:
+        _require(self.save_every >= 0, "checkpoint", "save_every", ">= 0", self.save_every)
+        _require(self.keep_last >= 0, "checkpoint", "keep_last", ">= 0", self.keep_last)
+
+
+SECTIONS = ("model", "parallel", "train", "data", "checkpoint")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preset: str = "tiny"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.seq_len <= self.model.max_seq_len, "train", "seq_len",
+            f"<= model.max_seq_len ({self.model.max_seq_len})", self.train.seq_len,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        kwargs = {}
+        for sec in SECTIONS:
+            sec_cls = type(getattr(cls(), sec))
+            known = {f.name for f in fields(sec_cls)}
+            kwargs[sec] = sec_cls(**{k: v for k, v in d.get(sec, {}).items() if k in known})
+        return cls(preset=d.get("preset", "custom"), **kwargs)
+
+
+def _section_classes() -> dict:
+    return {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+            "checkpoint": CheckpointConfig}
+
+
+# --------------------------------------------------------------------------- presets
+def _preset_tiny() -> RunConfig:
+    return RunConfig(preset="tiny")
+
+
+def _preset_4090() -> RunConfig:
+    # The seed's 4090 config: ~600M params with its two-matrix SiLU experts.
+    m = ModelConfig(vocab_size=50304, d_model=1024, n_layers=12, n_heads=8, d_ff=2752, num_experts=8, top_k=2,
+                    expert_type="silu_mlp", max_seq_len=1024)
+    t = TrainConfig(global_batch_size=32, micro_batch_size=2, seq_len=1024, warmup_steps=500, max_steps=50000,
+                    muon_lr=0.02, adamw_lr=3e-4, eval_every=500, eval_batches=20)
+    p = ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True, activation_checkpointing=True)
+    return RunConfig(model=m, train=t, parallel=p, preset="4090")
+
+
+def _preset_b200() -> RunConfig:
+    # The seed's final B200 config (d 2816, 22 heads, 30 layers, d_ff 7680, 8 experts).
+    m = ModelConfig(vocab_size=50304, d_model=2816, n_layers=30, n_heads=22, d_ff=7680, num_experts=8, top_k=2,
+                    expert_type="silu_mlp", max_seq_len=2048)
+    t = TrainConfig(global_batch_size=128, micro_batch_size=2, seq_len=2048, warmup_steps=1000, max_steps=100000,
+                    muon_lr=0.01, adamw_lr=3e-4, weight_decay=0.1, grad_clip=1.0, eval_every=1000, eval_batches=20)
+    p = ParallelConfig(zero_stage=2, ep_size=8)
+    return RunConfig(model=m, train=t, parallel=p, preset="b200")
+
+
+def _preset_18b() -> RunConfig:
+    # The model the project is named for: 16 layers of SwiGLU experts give ~18.6B parameters.
+    m = ModelConfig(vocab_size=50304, d_model=4096, n_layers=16, n_heads=32, d_ff=11008, num_experts=8, top_k=2,
+                    expert_type="swiglu", max_seq_len=4096)
+    t = TrainConfig(global_batch_size=256, micro_batch_size=1, seq_len=4096, warmup_steps=2000, max_steps=100000,
+                    muon_lr=0.01, adamw_lr=2e-4, eval_every=1000, eval_batches=20)
+    p = ParallelConfig(zero_stage=2, ep_size=8, activation_checkpointing=True)
+    return RunConfig(model=m, train=t, parallel=p, preset="18b")
+
+
+def _preset_small() -> RunConfig:
+    # ~100M parameters: for checkpoint / consolidation benchmarks on CPU.
+    m = ModelConfig(vocab_size=320, d_model=512, n_layers=6, n_heads=8, d_ff=1024, num_experts=8, top_k=2,
+                    max_seq_len=256)
+    t = TrainConfig(seq_len=256)
+    return RunConfig(model=m, train=t, preset="100m")
+
+
+PRESETS = {"tiny": _preset_tiny, "100m": _preset_small, "4090": _preset_4090, "b200": _preset_b200,
+           "18b": _preset_18b}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------- overrides
+def _coerce(value: str, current: Any, where: str) -> Any:
+    """Parse a --set string into the type of the field's current value."""
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, bool):
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, (list, tuple)):
+            parsed = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            return type(current)(parsed)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot parse {value!r} as {type(current).__name__}") from None
+    if current is None:
+        # Optional field without a typed default: try number, then keep the string.
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """Map 'section.field' or a unique bare 'field' to (section, field)."""
+    classes = _section_classes()
+    if "." in key:
+        sec, name = key.split(".", 1)
+        if sec not in classes:
+            raise ConfigError(f"--set {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}")
+        if name not in {f.name for f in fields(classes[sec])}:
+            raise ConfigError(f"--set {key}: {sec} has no field {name!r}; see `moe-train --help-config`")
+        return sec, name
+    hits = [sec for sec, c in classes.items() if key in {f.name for f in fields(c)}]
+    if not hits:
+        raise ConfigError(f"--set {key}: no config field is named {key!r}; see `moe-train --help-config`")
+    if len(hits) > 1:
+        raise ConfigError(f"--set {key}: ambiguous, exists in {', '.join(hits)}; write e.g. {hits[0]}.{key}")
+    return hits[0], key
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a new, validated RunConfig with overrides (key -> value or string) applied."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        sec, name = resolve_key(key)
+        d[sec][name] = _coerce(value, d[sec][name], f"{sec}.{name}")
+    d["preset"] = cfg.preset
+    try:
+        return RunConfig.from_dict(d)
+    except TypeError as e:  # wrong type reached a comparison in validation
+        raise ConfigError(f"invalid override: {e}") from None
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.d_model=256")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML/JSON override file: either nested {section: {field: v}} or flat {'section.field': v}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"config file {path}: cannot parse ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at top level, found {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in SECTIONS and isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        elif k != "preset":
+            flat[k] = v
+    return flat
+
+
+def architecture_diff(saved: dict, requested: ModelConfig) -> list[str]:
+    """Fields of ModelConfig that differ between a saved config dict and a requested one."""
+    req = dataclasses.asdict(requested)
+    return [f"model.{k}: saved {saved.get(k)!r}, requested {v!r}" for k, v in req.items() if saved.get(k) != v]
