@@ -1,0 +1,108 @@
+"""Which optimizer trains which parameter, and the learning-rate schedule.
+
+Muon (orthogonalised momentum) suits 2-D hidden weight matrices: attention projections,
+expert matrices and, as in the seed model, the router. AdamW takes the rest: embeddings,
+an untied output head, norms. DeepSpeed builds the optimizer from its config (its ``Muon``
+type splits groups by the ``use_muon`` tag we set here), so this module only tags and
+groups parameters, and sets each group's LR every optimizer step.
+
+The schedule is counted in optimizer steps, never micro-batches (a bug of the seed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+NO_MUON_PREFIXES = ("tok_emb.", "lm_head.")
+
+
+def uses_muon(name: str, param: torch.Tensor, muon_router: bool = True) -> bool:
+    """Muon for 2-D hidden matrices; the router only if ``muon_router``."""
+    if param.ndim != 2 or name.startswith(NO_MUON_PREFIXES):
+        return False
+    if ".router." in name and not muon_router:
+        return False
+    return True
+
+
+def is_expert_param(name: str) -> bool:
+    """Parameters of routed experts (sharded by expert parallelism); not the shared expert."""
+    return ".experts." in name
+
+
+def tag_parameters(model: nn.Module, muon_router: bool = True) -> None:
+    """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all)."""
+    for name, p in model.named_parameters():
+        p.use_muon = uses_muon(name, p, muon_router)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed matrices and undecayed vectors (norm weights).
+
+    Every trainable parameter lands in exactly one group. DeepSpeed then splits each group
+    into its Muon and Adam halves (and, with expert parallelism, expert and non-expert).
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "name": "decay", "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0})
+    return groups
+
+
+@dataclass
+class LRSchedule:
+    """Linear warmup then cosine decay to ``min_lr_ratio``, as a function of the optimizer step.
+
+    Stateless by design: the factor at step s depends only on s and the config, so a resumed
+    run with a new ``muon_lr``/``adamw_lr``/``max_steps`` simply applies the new values from
+    the resumed step on. ``state_dict`` records the values for the checkpoint's record.
+    """
+
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    muon_lr: float
+    adamw_lr: float
+
+    @classmethod
+    def from_config(cls, t: TrainConfig) -> "LRSchedule":
+        return cls(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.muon_lr, t.adamw_lr)
+
+    def factor(self, step: int) -> float:
+        """LR multiplier for optimizer step ``step`` (0-based: the step about to be taken)."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+    def lrs(self, step: int) -> dict[str, float]:
+        f = self.factor(step)
+        return {"muon": self.muon_lr * f, "adamw": self.adamw_lr * f}
+
+    def apply(self, param_groups_: Iterable[dict[str, Any]], step: int, all_adamw: bool = False) -> dict[str, float]:
+        """Set ``lr`` on each optimizer param group for ``step``; returns the LRs set."""
+        lrs = self.lrs(step)
+        for g in param_groups_:
+            g["lr"] = lrs["muon"] if (g.get("use_muon", False) and not all_adamw) else lrs["adamw"]
+        return lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_steps": self.warmup_steps, "max_steps": self.max_steps, "min_lr_ratio": self.min_lr_ratio,
+                "muon_lr": self.muon_lr, "adamw_lr": self.adamw_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the requested config wins (continuing with new LRs is a feature)."""
+        del state

@@ -1,0 +1,146 @@
+"""Build the DeepSpeed config a run actually uses: the launch config's JSON, then our RunConfig.
+
+The launch JSON (``launch_configs/*.json``) holds what belongs to the machine (ZeRO stage,
+offload, bucket sizes, bf16); the RunConfig holds what belongs to the experiment (batch,
+optimizer, LRs, clipping). CLI flags (``--zero-stage``, ``--set parallel.offload_optimizer=true``)
+override the JSON. Every ``"auto"`` is resolved here, because outside HF's Trainer nothing else
+resolves them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import ConfigError, RunConfig
+from ..logging_utils import warn_once
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                          "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch is split: global = micro x grad_accum x data_parallel_size."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    data_parallel_size: int
+
+
+def batch_layout(cfg: RunConfig, world_size: int) -> BatchLayout:
+    """Derive grad accumulation so the global batch is the same on any world size.
+
+    Every rank reads its own data (expert parallelism splits experts, not data), so the
+    data-parallel size is the world size.
+    """
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if g % (m * world_size) != 0:
+        ok = [w for w in range(1, 17) if g % (m * w) == 0]
+        raise ConfigError(
+            f"train.global_batch_size ({g}) must be divisible by train.micro_batch_size ({m}) x world size "
+            f"({world_size}) = {m * world_size}; with this micro batch it splits on world sizes {ok}. "
+            f"Change --set train.global_batch_size or train.micro_batch_size."
+        )
+    return BatchLayout(g, m, g // (m * world_size), world_size)
+
+
+def read_launch_json(path: Optional[str]) -> dict[str, Any]:
+    if not path:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {path}: not found (the launch YAML's deepspeed_config_file names it)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def resolve_precision(cfg: RunConfig, on_gpu: bool) -> str:
+    if cfg.parallel.precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return cfg.parallel.precision
+
+
+def muon_supported(zero_stage: int, ds: dict[str, Any]) -> bool:
+    """DeepSpeed's Muon runs under ZeRO-1/2, and under ZeRO-3 only without reduce-scatter."""
+    if zero_stage < 3:
+        return True
+    return not ds.get("zero_optimization", {}).get("reduce_scatter", True)
+
+
+def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """Merge the launch JSON with the RunConfig into a complete DeepSpeed config (no 'auto' left)."""
+    ds = copy.deepcopy(base)
+    layout = batch_layout(cfg, world_size)
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
+    ds["gradient_accumulation_steps"] = layout.grad_accum
+    ds["train_batch_size"] = layout.global_batch_size
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.parallel.zero_stage is not None:
+        zero["stage"] = cfg.parallel.zero_stage
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage: expected 1, 2 or 3, found {stage}; set --zero-stage")
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            zero[key] = {"stage3_param_persistence_threshold": 10 * cfg.model.d_model}.get(key, 50_000_000)
+    if cfg.parallel.offload_optimizer is not None:
+        zero["offload_optimizer"] = {"device": "cpu" if cfg.parallel.offload_optimizer else "none"}
+    if cfg.parallel.offload_params is not None:
+        zero["offload_param"] = {"device": "cpu" if cfg.parallel.offload_params else "none"}
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, found stage {stage}; use --zero-stage 3")
+
+    precision = resolve_precision(cfg, on_gpu)
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+
+    t = cfg.train
+    if t.optimizer == "muon" and not muon_supported(stage, ds):
+        warn_once("DeepSpeed's Muon does not run under ZeRO-3 with reduce_scatter; training ALL parameters "
+                  "with AdamW (lr = train.adamw_lr) instead. Set zero_optimization.reduce_scatter=false or use "
+                  "ZeRO-1/2 to keep Muon.")
+        optimizer = "adamw"
+    else:
+        optimizer = t.optimizer
+    if optimizer == "muon":
+        ds["optimizer"] = {"type": "Muon", "params": {
+            "lr": t.adamw_lr, "muon_lr": t.muon_lr, "adam_lr": t.adamw_lr, "momentum": t.muon_momentum,
+            "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
+    else:
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": t.adamw_lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
+    if not on_gpu and zero.get("offload_optimizer", {}).get("device", "none") == "none":
+        # FusedAdam needs CUDA; on CPU (and for Muon's auxiliary Adam) use torch's AdamW.
+        ds["optimizer"]["params"]["torch_adam"] = True
+    ds.pop("scheduler", None)  # the LR schedule is ours (moe_dist.optim), stepped per optimizer step
+    leftovers = [k for k, v in _walk(ds) if v == "auto"]
+    if leftovers:
+        raise ConfigError(f"DeepSpeed config still has 'auto' for {', '.join(leftovers)}; give explicit values")
+    return ds
+
+
+def optimizer_kind(ds: dict[str, Any]) -> str:
+    return "muon" if ds["optimizer"]["type"] == "Muon" else "adamw"
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d

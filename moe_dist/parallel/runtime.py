@@ -1,0 +1,109 @@
+"""Accelerate + DeepSpeed set-up: the one place that turns a RunConfig and a model into an engine.
+
+Accelerate launches the processes and owns the DeepSpeed plugin; DeepSpeed owns ZeRO and the
+optimizer. On a machine with no GPU, Accelerate silently reports ``num_processes == 1`` on every
+rank unless the process-group backend is named, so we always name it (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import RunConfig
+from ..logging_utils import get_logger, quiet_third_party
+from ..optim import param_groups, tag_parameters
+from .deepspeed_config import BatchLayout, batch_layout, build_ds_config, optimizer_kind, read_launch_json
+
+
+@dataclass
+class Runtime:
+    """What the training loop needs to know about the distributed world."""
+
+    accelerator: Any
+    rank: int
+    world_size: int
+    device: torch.device
+    layout: BatchLayout
+    ds_config: dict[str, Any]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    @property
+    def optimizer_kind(self) -> str:
+        return optimizer_kind(self.ds_config)
+
+
+def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
+    path = explicit or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        # The YAMLs name their JSON relative to the repo root; allow launching from elsewhere.
+        repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        candidate = os.path.join(repo_root, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path
+
+
+def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runtime:
+    """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig."""
+    quiet_third_party()
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    base = read_launch_json(_launch_json_path(deepspeed_config))
+    ds_config = build_ds_config(cfg, base, world_size, on_gpu)
+    layout = batch_layout(cfg, world_size)
+    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+    if world_size == 1:
+        # Plain `python moe_dist/train.py`: DeepSpeed still wants a (single-rank) process group.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], cpu=not on_gpu)
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world_size}; "
+                           "the process group was not initialised as expected")
+    if not dist.is_initialized():
+        raise RuntimeError("no torch.distributed process group after Accelerator(); DeepSpeed needs one")
+    return Runtime(accelerator, accelerator.process_index, world_size, accelerator.device, layout, ds_config)
+
+
+def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
+    """Hand the model to DeepSpeed through Accelerate; returns the DeepSpeedEngine."""
+    from accelerate.utils import DummyOptim
+
+    tag_parameters(model, muon_router=cfg.train.muon_router)
+    optimizer = DummyOptim(param_groups(model, cfg.train.weight_decay), lr=cfg.train.adamw_lr,
+                           weight_decay=cfg.train.weight_decay)
+    engine, _ = rt.accelerator.prepare(model, optimizer)
+    get_logger().info(f"DeepSpeed ZeRO-{rt.zero_stage}, optimizer {rt.optimizer_kind}, world {rt.world_size}, "
+                      f"micro {rt.layout.micro_batch_size} x accum {rt.layout.grad_accum} x dp "
+                      f"{rt.layout.data_parallel_size} = global {rt.layout.global_batch_size}")
+    return engine
+
+
+def shutdown() -> None:
+    """Tear the process group down explicitly: ZeRO-3 + offload can abort at interpreter exit otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

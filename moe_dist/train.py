@@ -1,0 +1,131 @@
+"""Entry point: ``accelerate launch [--config_file launch_configs/cpu.yaml] moe_dist/train.py ...``.
+
+Also installed as ``moe-train``. Examples::
+
+    accelerate launch --config_file launch_configs/cpu.yaml moe_dist/train.py --preset tiny \
+        --max-steps 20 --output-dir runs/demo
+    accelerate launch --config_file launch_configs/cpu.yaml --num_processes 4 moe_dist/train.py \
+        --preset tiny --ep-size 2 --zero-stage 1 --output-dir runs/ep
+    moe-train --preset 18b --print-params
+
+Build, loop, close: the pieces live in config/cli (what to run), parallel/ (how it is spread),
+data/ (what it reads), trainer (the loop) and checkpoint/ (what survives).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/train.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from typing import Optional  # noqa: E402
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    from moe_dist.cli import config_help_text, parse
+    from moe_dist.config import ConfigError
+
+    try:
+        args, cfg = parse(argv)
+    except ConfigError as e:
+        return _fail(str(e))
+    if args.help_config:
+        print(config_help_text())
+        return 0
+    if args.print_params:
+        from moe_dist.model import count_parameters
+
+        total, active = count_parameters(cfg.model)
+        print(f"preset {cfg.preset}: total {total:,} parameters ({total / 1e9:.2f}B), "
+              f"active per token {active:,} ({active / 1e9:.2f}B)")
+        return 0
+
+    from moe_dist.checkpoint.errors import CheckpointError
+    from moe_dist.data import DataError
+    from moe_dist.parallel.runtime import shutdown
+
+    try:
+        return _train(cfg, args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    finally:
+        shutdown()
+
+
+def _train(cfg, args) -> int:  # noqa: ANN001 - internal
+    import signal
+
+    import torch
+
+    from moe_dist.checkpoint.manager import CheckpointManager
+    from moe_dist.data.loader import build_data
+    from moe_dist.data.sampler import GlobalCursorSampler
+    from moe_dist.metrics import MetricsLog
+    from moe_dist.model import MoETransformer, count_parameters
+    from moe_dist.parallel.expert_parallel import apply_expert_parallel, validate_ep
+    from moe_dist.parallel.runtime import init_runtime, prepare_engine
+    from moe_dist.trainer import Trainer
+    from moe_dist.ui import TrainUI
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_ep(cfg, world)
+    data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise __import__("moe_dist.config", fromlist=["ConfigError"]).ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
+    rt = init_runtime(cfg, args.deepspeed_config)
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformer(cfg.model)
+    model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+    for layer in model.moe_layers():
+        layer.capacity_factor = cfg.parallel.capacity_factor
+    apply_expert_parallel(model, cfg, rt)
+    engine = prepare_engine(rt, model, cfg)
+
+    sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
+    metrics = MetricsLog(os.path.join(cfg.checkpoint.output_dir, "metrics.jsonl"), enabled=rt.is_main)
+    trainer = Trainer(cfg, rt, engine, data, sampler, metrics)
+    ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
+    resumed_from = ckpt.maybe_resume()
+    if resumed_from is not None:
+        metrics.truncate_after(trainer.state.step)
+
+    stop = {"flag": False}
+
+    def _on_signal(signum, frame):  # noqa: ANN001
+        stop["flag"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+
+    total, active = count_parameters(cfg.model)
+    with TrainUI(rt.is_main, cfg.train.max_steps, trainer.state.step, cfg.train.log_every) as ui:
+        ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), "
+                 f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
+                 f"optimizer {rt.optimizer_kind}"
+                 + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else ""))
+        trainer.fit(on_step=ui.on_step, should_stop=lambda: ckpt.stop_requested(stop["flag"]),
+                    after_step=ckpt.after_step)
+        saved = ckpt.finish(interrupted=trainer.state.step < cfg.train.max_steps)
+        ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
+                                     "EP size": cfg.parallel.ep_size,
+                                     "checkpoint": saved or "-"})
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The training loop: one optimizer step = grad_accum micro-batches on every rank.
+
+Kept free of set-up (``train.py``), parallel plumbing (``parallel/``) and checkpoint formats
+(``checkpoint/``): it asks the sampler for the next global batch, runs forward/backward through
+the DeepSpeed engine, sets the LR, and reports reduced metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .data.loader import DataBundle, iter_val_batches
+from .data.sampler import GlobalCursorSampler
+from .metrics import MetricsLog, StepAccumulator
+from .optim import LRSchedule
+from .parallel.runtime import Runtime
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the RNG streams (router noise) of optimizer step ``step`` on ``rank``.
+
+    Re-seeding at every step makes each step's randomness a pure function of (seed, step, rank):
+    an interrupted run continues bitwise-identically, and a run resumed on another world size gets
+    well-defined fresh streams instead of replaying one rank's saved state on another.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class TrainState:
+    """Progress counters that must survive a restart (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+    last_val_loss: Optional[float] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "last_val_loss": self.last_val_loss}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self.tokens = int(d["step"]), int(d["tokens"])
+        self.last_val_loss = d.get("last_val_loss")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, rt: Runtime, engine: Any, data: DataBundle, sampler: GlobalCursorSampler,
+                 metrics: MetricsLog, state: Optional[TrainState] = None) -> None:
+        self.cfg, self.rt, self.engine, self.data, self.sampler, self.metrics = cfg, rt, engine, data, sampler, metrics
+        self.state = state or TrainState()
+        self.schedule = LRSchedule.from_config(cfg.train)
+        self.model = engine.module
+        self.all_adamw = rt.optimizer_kind == "adamw"
+
+    # ------------------------------------------------------------------ one step
+    def _moe_stats(self) -> tuple[Optional[torch.Tensor], int]:
+        counts, dropped = None, 0
+        for layer in self.model.moe_layers():
+            c = getattr(layer, "last_tokens_per_expert", None)
+            if c is not None:
+                counts = c.clone() if counts is None else counts + c
+            dropped += int(getattr(layer, "last_dropped", 0))
+        return counts, dropped
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        step = self.state.step
+        torch.manual_seed(step_seed(self.cfg.train.seed, step, self.rt.rank))
+        lrs = self.schedule.apply(self.engine.optimizer.param_groups, step, all_adamw=self.all_adamw)
+        indices = self.sampler.next_global_batch()
+        micro = self.sampler.rank_share(indices, self.rt.rank, self.rt.world_size, self.rt.layout.micro_batch_size)
+        acc = StepAccumulator(self.cfg.model.num_experts)
+        self.engine.train()
+        for idx in micro:
+            block = self.data.train_blocks[idx].to(self.rt.device)
+            inputs, targets = block[:, :-1], block[:, 1:]
+            logits, aux = self.engine(inputs)
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss = ce + aux if aux is not None else ce
+            self.engine.backward(loss)
+            self.engine.step()
+            counts, dropped = self._moe_stats()
+            acc.add(ce, aux, logits, targets, counts, dropped)
+        stats = acc.reduce()
+        self.state.step += 1
+        self.state.tokens += int(indices.numel()) * self.cfg.train.seq_len
+        elapsed = time.perf_counter() - t0
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.state.step, "loss": stats["loss"], "aux_loss": stats["aux_loss"],
+                  "accuracy": stats["accuracy"], "perplexity": stats["perplexity"],
+                  "lr": lrs["adamw"] if self.all_adamw else lrs["muon"], "lr_muon": lrs["muon"],
+                  "lr_adamw": lrs["adamw"], "tokens": self.state.tokens,
+                  "tokens_per_s": indices.numel() * self.cfg.train.seq_len / max(elapsed, 1e-9),
+                  "step_time_s": elapsed,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
+        return record
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        acc = StepAccumulator(self.cfg.model.num_experts)
+        for inputs, targets in iter_val_batches(self.data.val_blocks, self.rt.rank, self.rt.world_size,
+                                                self.rt.layout.micro_batch_size, self.cfg.train.eval_batches):
+            logits, _ = self.engine(inputs.to(self.rt.device), return_aux_loss=False)
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(self.rt.device).reshape(-1))
+            acc.add(ce, None, logits, targets.to(self.rt.device), None, 0)
+        self.engine.train()
+        loss = acc.reduce()["loss"]
+        self.state.last_val_loss = loss
+        return loss
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, on_step: Optional[Callable[[dict[str, Any]], None]] = None,
+            should_stop: Callable[[], bool] = lambda: False,
+            after_step: Optional[Callable[[], None]] = None) -> None:
+        """Train until ``train.max_steps``; ``after_step`` runs checkpointing, ``should_stop`` signals."""
+        every = self.cfg.train.eval_every
+        while self.state.step < self.cfg.train.max_steps and not should_stop():
+            record = self.train_step()
+            if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.max_steps):
+                record["val_loss"] = self.evaluate()
+            if self.rt.is_main:
+                self.metrics.write(record)
+            if on_step is not None:
+                on_step(record)
+            if after_step is not None:
+                after_step()
