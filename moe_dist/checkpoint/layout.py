@@ -1,0 +1,158 @@
+"""Where checkpoints live on disk, and the atomic moves that make them appear.
+
+::
+
+    <output-dir>/checkpoints/
+        checkpoint_step_<N>/          complete checkpoints (DCP shards + .metadata + train_state.json + manifest.json)
+        checkpoint_latest -> checkpoint_step_<N>   (relative symlink, replaced atomically)
+        .checkpoint_step_<N>.tmp-<id>/  a save in progress; never read, removed at the next save
+
+A folder only gets its final name after every rank has written its shards, DCP's metadata is
+on disk and rank 0 has written the manifest, all fsynced; so a folder named
+``checkpoint_step_<N>`` is complete by construction, and a kill at any moment leaves either the
+previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .errors import CheckpointError
+
+STEP_RE = re.compile(r"^checkpoint_step_(\d+)$")
+LATEST = "checkpoint_latest"
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+DCP_METADATA = ".metadata"
+TMP_PREFIX = "."
+
+
+def checkpoints_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"checkpoint_step_{step}"
+
+
+def tmp_dir_for(root: Path, step: int, token: str) -> Path:
+    return root / f"{TMP_PREFIX}{step_dir_name(step)}.tmp-{token}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file() and (path / DCP_METADATA).is_file() \
+        and (path / TRAIN_STATE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete periodic checkpoint, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = STEP_RE.match(entry.name)
+        if m and not entry.is_symlink() and is_complete(entry):
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Folders of saves that were killed before they completed."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(TMP_PREFIX + "checkpoint_step_") and ".tmp-" in p.name)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temp folder into place (replacing an older save of the same step)."""
+    if final.exists():
+        # Same step saved again (e.g. a resumed run re-saving): keep the old one until the new one is in.
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def point_latest(root: Path, target: Path) -> None:
+    """Atomically make ``checkpoint_latest`` a relative symlink to ``target``."""
+    link = root / LATEST
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    fsync_dir(root)
+
+
+def prune(root: Path, keep_last: int, protect: Optional[Path] = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; never ``protect`` (the newest)."""
+    if keep_last <= 0:
+        return []
+    ckpts = complete_checkpoints(root)
+    removed = []
+    for _, path in ckpts[:-keep_last]:
+        if protect is not None and path.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume(spec: str, output_dir: str) -> Optional[Path]:
+    """Map --resume to a complete checkpoint folder; ``auto`` returns None when there is none.
+
+    Raises CheckpointError naming the path when an explicit one is missing or incomplete.
+    """
+    root = checkpoints_dir(output_dir)
+    if spec == "auto":
+        ckpts = complete_checkpoints(root)
+        return ckpts[-1][1] if ckpts else None
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"--resume {spec}: no such file or folder")
+    if path.is_symlink() or path.name == LATEST:
+        path = path.resolve()
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {spec}: not a folder (give a checkpoint_step_<N> folder or checkpoint_latest)")
+    if (path / "checkpoints").is_dir() and not (path / DCP_METADATA).exists():
+        raise CheckpointError(f"--resume {spec}: this is a run folder; give {path / 'checkpoints' / LATEST} "
+                              f"or use --resume auto --output-dir {path}")
+    if not (path / DCP_METADATA).is_file():
+        raise CheckpointError(f"--resume {spec}: not a checkpoint (no {DCP_METADATA} file inside)")
+    if not is_complete(path):
+        missing = [n for n in (MANIFEST, TRAIN_STATE) if not (path / n).is_file()]
+        raise CheckpointError(f"--resume {spec}: incomplete checkpoint (missing {', '.join(missing)}); "
+                              "it was interrupted while saving—resume from an earlier one")
+    return path
