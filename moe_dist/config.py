@@ -113,7 +113,7 @@ class TrainConfig:
     global_batch_size: int = _f(
         12, "Sequences per optimizer step, whatever the world size (micro_batch x grad_accum x data-parallel size)."
     )
-    micro_batch_size: int = _f(2, "Sequences per rank per forward pass; grad accumulation is derived.")
+    micro_batch_size: int = _f(1, "Sequences per rank per forward pass; grad accumulation is derived.")
     seq_len: int = _f(128, "Tokens per training sequence (<= model.max_seq_len).")
     max_steps: int = _f(200, "Optimizer steps to train for (absolute: a resumed run stops at this step).")
     warmup_steps: int = _f(10, "Linear LR warmup, in optimizer steps (not micro-batches).")

@@ -69,6 +69,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     from moe_dist.checkpoint.manager import CheckpointManager
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
+    from moe_dist.debug import grad_dump_probe_from_env
     from moe_dist.metrics import MetricsLog
     from moe_dist.model import MoETransformer, count_parameters
     from moe_dist.parallel.expert_parallel import apply_expert_parallel, validate_ep
@@ -95,6 +96,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
     metrics = MetricsLog(os.path.join(cfg.checkpoint.output_dir, "metrics.jsonl"), enabled=rt.is_main)
     trainer = Trainer(cfg, rt, engine, data, sampler, metrics)
+    trainer.grad_probe = grad_dump_probe_from_env(rt.rank)
     ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
     resumed_from = ckpt.maybe_resume()
     if resumed_from is not None:

@@ -23,14 +23,16 @@ from .optim import LRSchedule
 from .parallel.runtime import Runtime
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the RNG streams (router noise) of optimizer step ``step`` on ``rank``.
+def micro_seed(seed: int, step: int, micro_index: int) -> int:
+    """Seed of the RNG stream (router noise) of one micro-batch of the global batch.
 
-    Re-seeding at every step makes each step's randomness a pure function of (seed, step, rank):
-    an interrupted run continues bitwise-identically, and a run resumed on another world size gets
-    well-defined fresh streams instead of replaying one rank's saved state on another.
+    Micro-batch ``k`` of a global batch is the same sequences on any world size (ranks take
+    contiguous, micro-batch-aligned parts), so seeding by (seed, step, k) gives every sequence the
+    same noise whatever the world size: an interrupted run continues bitwise-identically on the
+    same topology, and a run resumed on another world size sees the same randomness rather than
+    one rank's saved stream replayed on another.
     """
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -58,6 +60,9 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.train)
         self.model = engine.module
         self.all_adamw = rt.optimizer_kind == "adamw"
+        # Called as probe(engine, step) after the step's last backward, before the optimizer step
+        # (see moe_dist.debug); None in normal runs.
+        self.grad_probe: Optional[Callable[[Any, int], None]] = None
 
     # ------------------------------------------------------------------ one step
     def _moe_stats(self) -> tuple[Optional[torch.Tensor], int]:
@@ -72,19 +77,22 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = self.state.step
-        torch.manual_seed(step_seed(self.cfg.train.seed, step, self.rt.rank))
         lrs = self.schedule.apply(self.engine.optimizer.param_groups, step, all_adamw=self.all_adamw)
         indices = self.sampler.next_global_batch()
         micro = self.sampler.rank_share(indices, self.rt.rank, self.rt.world_size, self.rt.layout.micro_batch_size)
         acc = StepAccumulator(self.cfg.model.num_experts)
         self.engine.train()
-        for idx in micro:
+        first_micro = self.rt.rank * len(micro)  # index of this rank's first micro-batch in the global batch
+        for i, idx in enumerate(micro):
+            torch.manual_seed(micro_seed(self.cfg.train.seed, step, first_micro + i))
             block = self.data.train_blocks[idx].to(self.rt.device)
             inputs, targets = block[:, :-1], block[:, 1:]
             logits, aux = self.engine(inputs)
             ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
             loss = ce + aux if aux is not None else ce
             self.engine.backward(loss)
+            if i == len(micro) - 1 and self.grad_probe is not None:
+                self.grad_probe(self.engine, step)  # reduced grads exist between the last backward and step
             self.engine.step()
             counts, dropped = self._moe_stats()
             acc.add(ce, aux, logits, targets, counts, dropped)

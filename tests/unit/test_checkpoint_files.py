@@ -1,0 +1,85 @@
+"""Checkpoint layout, atomic pointer, pruning, manifest verification and the expert audit (no processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from moe_dist.checkpoint import layout
+from moe_dist.checkpoint.audit import audit_experts
+from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.manifest import verify_manifest, write_manifest
+from moe_dist.config import ModelConfig
+
+
+def _fake_ckpt(root, step):
+    d = root / layout.step_dir_name(step)
+    d.mkdir(parents=True)
+    (d / layout.DCP_METADATA).write_bytes(b"m")
+    (d / layout.TRAIN_STATE).write_text(json.dumps({"step": step}))
+    (d / "__0_0.distcp").write_bytes(bytes(range(256)) * 4)
+    write_manifest(d, {"step": step})
+    return d
+
+
+def test_discovery_ignores_incomplete_and_tmp(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (5, 10):
+        _fake_ckpt(root, s)
+    half = root / layout.step_dir_name(15)
+    half.mkdir()
+    (half / layout.DCP_METADATA).write_bytes(b"m")  # no manifest: a save killed midway
+    layout.tmp_dir_for(root, 20, "x").mkdir()
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [5, 10]
+    assert layout.resolve_resume("auto", str(tmp_path)).name == "checkpoint_step_10"
+    assert [p.name for p in layout.leftovers(root)] == [".checkpoint_step_20.tmp-x"]
+    with pytest.raises(CheckpointError, match="incomplete checkpoint .*missing manifest.json"):
+        layout.resolve_resume(str(half), str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        layout.resolve_resume(str(tmp_path / "nope"), str(tmp_path))
+    with pytest.raises(CheckpointError, match="this is a run folder; give .*checkpoint_latest"):
+        layout.resolve_resume(str(tmp_path), str(tmp_path / "other"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        layout.resolve_resume(str(tmp_path / "plain"), str(tmp_path))
+    assert layout.resolve_resume("auto", str(tmp_path / "empty")) is None
+
+
+def test_latest_pointer_and_prune(tmp_path):
+    root = tmp_path / "checkpoints"
+    dirs = [_fake_ckpt(root, s) for s in (1, 2, 3, 4)]
+    layout.point_latest(root, dirs[-1])
+    assert (root / layout.LATEST).resolve() == dirs[-1].resolve()
+    assert layout.resolve_resume(str(root / layout.LATEST), str(tmp_path)) == dirs[-1].resolve()
+    removed = layout.prune(root, keep_last=2, protect=dirs[-1])
+    assert [p.name for p in removed] == ["checkpoint_step_1", "checkpoint_step_2"]
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [3, 4]
+    assert layout.prune(root, keep_last=0) == []
+
+
+def test_manifest_detects_truncation_and_bit_flips(tmp_path):
+    d = _fake_ckpt(tmp_path, 7)
+    verify_manifest(d)
+    shard = d / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: SHA-256 .* differs from the manifest"):
+        verify_manifest(d)
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: size 1014 bytes, manifest says 1024"):
+        verify_manifest(d)
+
+
+def test_expert_audit(tmp_path):
+    cfg = ModelConfig(d_model=8, d_ff=4, n_heads=2, num_experts=2, n_layers=1, expert_type="silu_mlp")
+    full = {f"model.layers.0.ffn.experts.{e}.{m}.weight": torch.zeros(32) for e in range(2) for m in ("w_up", "w_down")}
+    dcp.save(full, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    assert audit_experts(tmp_path / "ok", cfg)["experts"] == 2
+    del full["model.layers.0.ffn.experts.1.w_down.weight"]
+    dcp.save(full, checkpoint_id=str(tmp_path / "missing"), no_dist=True)
+    with pytest.raises(CheckpointError, match="experts missing from the checkpoint: layer 0 expert 1"):
+        audit_experts(tmp_path / "missing", cfg)

@@ -1,0 +1,83 @@
+"""Config presets, overrides, validation messages and the --help text."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moe_dist.cli import build_parser, config_help_text, parse
+from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset, load_config_file
+from moe_dist.parallel.deepspeed_config import batch_layout, build_ds_config, read_launch_json
+
+
+def test_presets_mirror_the_seed():
+    b = get_preset("b200").model
+    assert (b.d_model, b.n_heads, b.n_layers, b.d_ff, b.num_experts, b.top_k) == (2816, 22, 30, 7680, 8, 2)
+    g = get_preset("4090")
+    assert (g.model.d_model, g.model.n_heads, g.model.n_layers, g.model.d_ff, g.model.num_experts) == (
+        1024, 8, 12, 2752, 8)
+    assert (g.train.seq_len, g.train.micro_batch_size, g.train.global_batch_size) == (1024, 2, 32)
+
+
+def test_set_overrides_coerce_types_and_validate():
+    cfg = apply_overrides(get_preset("tiny"), {"model.d_model": "256", "shared_expert": "true",
+                                               "train.adam_betas": "0.8,0.9", "capacity_factor": "1.25"})
+    assert cfg.model.d_model == 256 and cfg.model.shared_expert is True
+    assert cfg.train.adam_betas == (0.8, 0.9) and cfg.parallel.capacity_factor == 1.25
+    with pytest.raises(ConfigError, match=r"model.d_model: expected a multiple of n_heads \(4\), found 130"):
+        apply_overrides(get_preset("tiny"), {"model.d_model": "130"})
+    with pytest.raises(ConfigError, match="cannot parse 'abc' as int"):
+        apply_overrides(get_preset("tiny"), {"model.d_model": "abc"})
+
+
+def test_config_file_and_round_trip(tmp_path):
+    f = tmp_path / "o.yaml"
+    f.write_text("model:\n  n_layers: 3\ntrain:\n  muon_lr: 0.05\n")
+    cfg = apply_overrides(get_preset("tiny"), load_config_file(str(f)))
+    assert cfg.model.n_layers == 3 and cfg.train.muon_lr == 0.05
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: cannot parse"):
+        load_config_file(str(bad))
+
+
+def test_cli_flags_win_over_set():
+    _, cfg = parse(["--set", "train.max_steps=5", "--max-steps", "7", "--zero-stage", "3", "--offload-optimizer"])
+    assert cfg.train.max_steps == 7 and cfg.parallel.zero_stage == 3 and cfg.parallel.offload_optimizer is True
+
+
+def test_help_mentions_every_flag_and_field():
+    text = build_parser().format_help()
+    for flag in ("--preset", "--set", "--max-steps", "--output-dir", "--zero-stage", "--ep-size", "--resume",
+                 "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params"):
+        assert flag in text
+    assert "Expert-parallel degree" in text  # field docstrings become --help
+    assert "model.router_noise_std" in config_help_text()
+
+
+def test_print_params_cli():
+    out = subprocess.run([sys.executable, "-m", "moe_dist.train", "--preset", "18b", "--print-params"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "preset 18b: total" in out.stdout
+
+
+def test_global_batch_layout():
+    cfg = get_preset("tiny")
+    assert [batch_layout(cfg, w).grad_accum for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    with pytest.raises(ConfigError, match=r"global_batch_size \(12\) must be divisible .* world size \(5\)"):
+        batch_layout(cfg, 5)
+
+
+def test_ds_config_resolves_everything():
+    cfg = apply_overrides(get_preset("tiny"), {"parallel.zero_stage": 3})
+    ds = build_ds_config(cfg, read_launch_json(None), world_size=2, on_gpu=False)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == 6
+    assert ds["bf16"]["enabled"] is False
+    with pytest.raises(ConfigError, match="offload_params needs ZeRO stage 3"):
+        build_ds_config(apply_overrides(get_preset("tiny"), {"offload_params": True, "zero_stage": 2}),
+                        read_launch_json(None), 1, False)
