@@ -125,7 +125,6 @@ class TrainConfig:
     muon_momentum: float = _f(0.95, "Muon momentum.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
     optimizer: str = _f("muon", "'muon' (Muon + AdamW) or 'adamw' (AdamW for everything).")
-    muon_router: bool = _f(True, "Train the router weight with Muon (as the seed does) rather than AdamW.")
     eval_every: int = _f(50, "Validate every N optimizer steps (0 = never).")
     eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
     log_every: int = _f(1, "Print a log line every N steps (metrics.jsonl gets every step).")

@@ -20,16 +20,17 @@ from torch import nn
 
 from .config import TrainConfig
 
-NO_MUON_PREFIXES = ("tok_emb.", "lm_head.")
+NO_MUON_KEYWORDS = ("embed", "lm_head")
 
 
-def uses_muon(name: str, param: torch.Tensor, muon_router: bool = True) -> bool:
-    """Muon for 2-D hidden matrices; the router only if ``muon_router``."""
-    if param.ndim != 2 or name.startswith(NO_MUON_PREFIXES):
-        return False
-    if ".router." in name and not muon_router:
-        return False
-    return True
+def uses_muon(name: str, param: torch.Tensor) -> bool:
+    """Muon for 2-D matrices except embeddings and the output head (the router included, as in the seed).
+
+    This is DeepSpeed's own rule (``deepspeed.set_optimizer_flags`` re-tags every parameter by it
+    when the config's optimizer is Muon), restated here so that grouping, the memory planner and
+    the tests agree with what DeepSpeed will do.
+    """
+    return param.ndim >= 2 and not any(k in name.lower() for k in NO_MUON_KEYWORDS)
 
 
 def is_expert_param(name: str) -> bool:
@@ -37,10 +38,10 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
-def tag_parameters(model: nn.Module, muon_router: bool = True) -> None:
+def tag_parameters(model: nn.Module) -> None:
     """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all)."""
     for name, p in model.named_parameters():
-        p.use_muon = uses_muon(name, p, muon_router)
+        p.use_muon = uses_muon(name, p)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

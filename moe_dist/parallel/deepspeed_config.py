@@ -118,6 +118,14 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     else:
         optimizer = t.optimizer
     if optimizer == "muon":
+        if t.grad_clip > 0:
+            # DeepSpeed's ZeRO Muon writes the orthogonalised update into the gradient buffer before
+            # the clip norm is taken, so the "gradient norm" it clips is that of the Muon updates
+            # (~sqrt(sum of matrix widths), ~80 on the tiny preset): clipping at 1.0 shrank every step
+            # ~80x and the tiny model stopped learning (measured). Muon updates are normalised already.
+            warn_once(f"train.grad_clip={t.grad_clip} is not applied with the Muon optimizer (DeepSpeed would clip "
+                      "the orthogonalised updates, not the gradients); use --set train.optimizer=adamw to clip")
+            ds["gradient_clipping"] = 0.0
         ds["optimizer"] = {"type": "Muon", "params": {
             "lr": t.adamw_lr, "muon_lr": t.muon_lr, "adam_lr": t.adamw_lr, "momentum": t.muon_momentum,
             "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}

@@ -130,9 +130,13 @@ def _mark_as_deepspeed_moe(layer: nn.Module, group_name: str, num_experts: int, 
     """
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
+    def set_deepspeed_parallelism(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """The engine calls this to build EP groups; ours exist already (see apply_expert_parallel)."""
+
     cls = type(layer)
     if not isinstance(layer, DeepSpeedMoE):
-        layer.__class__ = type(f"DeepSpeedMarked{cls.__name__}", (cls, DeepSpeedMoE), {})
+        layer.__class__ = type(f"DeepSpeedMarked{cls.__name__}", (cls, DeepSpeedMoE),
+                               {"set_deepspeed_parallelism": set_deepspeed_parallelism})
     layer.num_experts = num_experts
     layer.num_local_experts = num_local
     layer.expert_group_name = group_name

@@ -75,9 +75,16 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runt
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
+    # We hand Accelerate a complete DeepSpeed config; the launcher's copies of the YAML's DeepSpeed
+    # fields would make it refuse ("will be ignored") although they are already merged in.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
-    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], cpu=not on_gpu)
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "no"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision
+    # Not cpu=True: that makes Accelerate pick plain multi-CPU DDP and ignore the DeepSpeed plugin.
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], mixed_precision=precision)
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world_size}; "
                            "the process group was not initialised as expected")
@@ -90,10 +97,15 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     """Hand the model to DeepSpeed through Accelerate; returns the DeepSpeedEngine."""
     from accelerate.utils import DummyOptim
 
-    tag_parameters(model, muon_router=cfg.train.muon_router)
+    tag_parameters(model)
     optimizer = DummyOptim(param_groups(model, cfg.train.weight_decay), lr=cfg.train.adamw_lr,
                            weight_decay=cfg.train.weight_decay)
     engine, _ = rt.accelerator.prepare(model, optimizer)
+    from deepspeed import DeepSpeedEngine
+
+    if not isinstance(engine, DeepSpeedEngine):
+        raise RuntimeError(f"Accelerate prepared a {type(engine).__name__}, not a DeepSpeedEngine: the launch config "
+                           "must use distributed_type: DEEPSPEED (and not use_cpu: true)")
     get_logger().info(f"DeepSpeed ZeRO-{rt.zero_stage}, optimizer {rt.optimizer_kind}, world {rt.world_size}, "
                       f"micro {rt.layout.micro_batch_size} x accum {rt.layout.grad_accum} x dp "
                       f"{rt.layout.data_parallel_size} = global {rt.layout.global_batch_size}")

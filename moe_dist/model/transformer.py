@@ -1,0 +1,180 @@
+"""Decoder-only transformer whose every feed-forward is a mixture of experts.
+
+Pre-norm blocks: ``x + attn(norm(x))`` then ``x + moe(norm(x))``; RMSNorm, rotary positions,
+grouped-query attention through ``scaled_dot_product_attention``. No process groups here:
+parallelism (ZeRO, expert parallelism) is applied to a built model from ``moe_dist.parallel``.
+
+Legend: B batch, T sequence, D d_model, H query heads, G key/value heads, d head size,
+h half the head size (rotary pairs), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .moe import MoEFeedForward, expert_param_count
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain; statistics in fp32 so bf16 activations stay stable."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_tables(max_seq_len: int, head_dim: int, theta: float,
+                device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_seq_len, h), computed in fp64 and stored fp32 so long positions stay exact."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (the 'rotate_half' layout), computed in fp32."""
+    x1, x2 = x_BHTd.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos_Th - x2 * sin_Th, x1 * sin_Th + x2 * cos_Th), dim=-1)
+    return out.to(x_BHTd.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with rotary positions and grouped-query key/value heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTd = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTd = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_Th, sin_Th), apply_rope(k_BGTd, cos_Th, sin_Th)
+        if self.kv_heads != self.n_heads:  # GQA: each k/v head serves n_heads / kv_heads query heads
+            rep = self.n_heads // self.kv_heads
+            k_BGTd, v_BGTd = k_BGTd.repeat_interleave(rep, dim=1), v_BGTd.repeat_interleave(rep, dim=1)
+        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True)
+        return self.wo(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; returns the new residual stream and the layer's aux loss."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg)
+
+    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor,
+                sin_Th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Th, sin_Th)
+        y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
+        return x_BTD + y_BTD, aux
+
+
+class MoETransformer(nn.Module):
+    """The LM: ``forward(tokens_BT, return_aux_loss=True) -> (logits_BTV, aux_loss | None)``.
+
+    ``aux_loss`` is ``load_balancing_weight * mean over layers`` of the Switch loss, ready to be
+    added to the cross-entropy. Set ``gradient_checkpointing = True`` to recompute each block in
+    backward (non-reentrant checkpoint; it restores the RNG state, so router noise and hence
+    routing are identical in the recompute).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # Derived from the config, so kept out of state_dict (persistent=False).
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for matrices, ones for norm gains; the projections that write into
+        the residual stream (``wo``, ``w_down``) get std / sqrt(2 * n_layers) so the stream's
+        variance does not grow with depth (GPT-2)."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():  # deduplicated: a tied weight is drawn once
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w_down.weight")) else std)
+
+    def moe_layers(self) -> Iterator[MoEFeedForward]:
+        for m in self.modules():
+            if isinstance(m, MoEFeedForward):
+                yield m
+
+    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        if self.rope_cos.dtype != torch.float32:
+            # A whole-module cast (e.g. DeepSpeed's bf16) rounded the tables; rebuild them in fp32.
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim,
+                                                       self.cfg.rope_theta, self.rope_cos.device)
+        return self.rope_cos[:T], self.rope_sin[:T]
+
+    def forward(self, tokens_BT: torch.Tensor,
+                return_aux_loss: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        cos_Th, sin_Th = self._rope(tokens_BT.shape[1])
+        x_BTD = self.tok_emb(tokens_BT)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        aux_losses = []
+        for block in self.layers:
+            if use_ckpt:
+                x_BTD, aux = checkpoint(block, x_BTD, cos_Th, sin_Th, use_reentrant=False)
+            else:
+                x_BTD, aux = block(x_BTD, cos_Th, sin_Th)
+            aux_losses.append(aux)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        if not return_aux_loss:
+            return logits_BTV, None
+        return logits_BTV, self.cfg.load_balancing_weight * torch.stack(aux_losses).mean()
+
+
+MoE18BLLM = MoETransformer
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """``(total, active_per_token)`` from the config alone (no model is built, so it works for
+    the 18B preset). Equals ``sum(p.numel())`` of a built model; a tied head counts once.
+    Active = everything but the routed experts, plus ``top_k`` routed experts per layer
+    (embedding and head counted in full, the usual convention)."""
+    D, hd = cfg.d_model, cfg.head_dim
+    attn = D * cfg.n_heads * hd + 2 * D * cfg.kv_heads * hd + cfg.n_heads * hd * D
+    expert = expert_param_count(D, cfg.d_ff, cfg.expert_type)
+    dense_per_layer = 2 * D + attn + D * cfg.num_experts + (expert if cfg.shared_expert else 0)
+    embed = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    dense = embed + D + cfg.n_layers * dense_per_layer
+    total = dense + cfg.n_layers * cfg.num_experts * expert
+    active = dense + cfg.n_layers * cfg.top_k * expert
+    return total, active

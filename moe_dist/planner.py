@@ -1,0 +1,512 @@
+"""``moe-plan``: will a run fit? Per-GPU and per-node CPU memory, consumer by consumer.
+
+    moe-plan --preset 4090 --gpu-mem 24GB --cpu-mem 64GB
+    moe-plan --preset 18b --gpus-per-node 8 --nodes 2 --gpu-mem 180GB --cpu-mem 2TB --zero-stage 2 --ep-size 8
+    moe-plan --preset tiny --accelerator cpu --precision fp32 --zero-stage 2      # the CPU demo
+
+Everything is analytic: parameter counts come from ``ModelConfig`` (no model is built, torch is
+not imported), the ZeRO stage / offload / buckets from the same DeepSpeed config the trainer
+builds (``parallel.deepspeed_config.build_ds_config``: RunConfig and flags over the launch JSON).
+
+Legend: P parameters (all), Pe routed-expert parameters, N world size, ep EP degree, S = P/N the
+ZeRO partition a rank owns (expert params: Pe/ep local, over N/ep expert-data-parallel ranks, is
+Pe/N too), lp bytes of the low-precision copy (bf16 2, fp32 4), LL the largest module's
+parameters (what ZeRO-3 gathers at once), B micro batch, T seq len, d d_model, F d_ff, K top_k,
+E experts, V vocab, c matrices per expert (swiglu 3, silu_mlp 2; hidden tensors 4 and 2).
+
+Model states per rank (bytes), following what DeepSpeed 0.19 allocates:
+  ZeRO-1/2  params lp*(Pne + Pe/ep); grads lp*S (ZeRO-2; ZeRO-1 keeps full lp grads) + fp32 grad
+            partition 4*S built for the step; master 4*S; AdamW 8 B/param, Muon 4 B/param.
+            Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params.
+  ZeRO-3    params lp*S (+ lp*LL gathered, + small persistent params); grads lp*LL in flight,
+            lp*S partition buffer, fp32 grads 4*S (offload: on CPU) or one sub_group at the step.
+  Init      every rank builds the full fp32 model on CPU (4*P) before DeepSpeed partitions it;
+            with ``--zero-init`` (ZeRO-3 zero.Init) only 4*LL at a time.
+Activations (per micro-batch, saved for backward; SDPA/flash attention, so no T^2 term):
+  per token per block: lp*(6d + 2*kv*hd + 2*K*d*imb + K*h*F*imb [+ h*F shared]) + 4*nh + 8 + 8E + 12K
+  (x, norm out, q, attn out, k, v, MoE-in, norm out; top_k dispatched copies and expert outputs;
+  expert hidden tensors h = 4 swiglu / 2 silu_mlp; fp32 logsumexp, rstd, router logits/probs,
+  top-k ids+weights). imb = 1 without EP, capacity_factor (or 1.25 dropless) with EP.
+  no checkpointing: L blocks + one block of gradients; checkpointing: L*d*lp block inputs + one
+  block recomputed + its gradients. LM head: B*T*(V*(12 + 2 if bf16) + 2d*lp): fp32 logits,
+  log-softmax output and its gradient, the bf16 matmul output.
+Totals are a peak over phases: always + max(init, train + max(fwd/bwd, step)) (see ``peak``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
+from .parallel.deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
+
+GiB = 2**30
+
+# Stated constants (per GPU unless said otherwise).
+CUDA_CONTEXT_BYTES = int(1.0 * GiB)   # CUDA context, kernel images (lazy loading), cuBLAS/cuDNN workspaces
+NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their channel buffers, when world > 1
+GPU_FRAGMENTATION = 0.05              # caching-allocator fragmentation, as a share of the tensor peak
+HOST_PROCESS_BYTES = {                # resident set of one idle training process
+    "cuda": int(2.0 * GiB),           # Python, torch + CUDA libraries, DeepSpeed, Accelerate, data loading
+    "cpu": int(0.35 * GiB),           # measured: torch + DeepSpeed + Accelerate + datasets imports, CPU build
+}
+DROPLESS_IMBALANCE = 1.25             # tokens a rank's experts may receive over the fair share under EP
+# DeepSpeed's values when the launch JSON leaves a field out (deepspeed/runtime/zero/config.py).
+DS_ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+                    "sub_group_size": 1e9, "stage3_param_persistence_threshold": 1e5}
+PHASES = ("always", "init", "train", "fwd/bwd", "step")
+MODEL_STATE = ("params", "grads", "optimizer")
+
+
+# --------------------------------------------------------------------------- parameter counts
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters by role, from ModelConfig alone (no biases anywhere)."""
+
+    embedding: int
+    lm_head: int          # 0 when tied
+    attention: int        # wq, wk, wv, wo of all layers
+    norms: int            # two RMSNorms per layer + the final one
+    router: int
+    experts: int          # routed experts (split by expert parallelism)
+    shared_expert: int
+    tensors: tuple        # ((numel, how many), ...): every weight is its own module (bias-free Linear, norm)
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.lm_head + self.attention + self.norms + self.router + self.experts + \
+            self.shared_expert
+
+    @property
+    def non_expert(self) -> int:
+        return self.total - self.experts
+
+    @property
+    def largest_module(self) -> int:
+        """What ZeRO-3 gathers at once at most (module by module): here the embedding, usually."""
+        return max(numel for numel, _ in self.tensors)
+
+    def persistent(self, threshold: float) -> int:
+        """Params ZeRO-3 keeps whole on every GPU (numel below stage3_param_persistence_threshold)."""
+        return sum(numel * k for numel, k in self.tensors if numel < threshold)
+
+    def muon(self, optimizer: str) -> tuple[int, int]:
+        """(non-expert, expert) parameters Muon trains: every 2-D matrix but the embedding and
+        the output head (``optim.uses_muon``, DeepSpeed's rule); AdamW takes the rest."""
+        if optimizer != "muon":
+            return 0, 0
+        return self.attention + self.shared_expert + self.router, self.experts
+
+
+def count_params(m: ModelConfig) -> ParamCounts:
+    d, f, e, L, kvd = m.d_model, m.d_ff, m.num_experts, m.n_layers, m.kv_heads * m.head_dim
+    mats = 3 if m.expert_type == "swiglu" else 2
+    emb = m.vocab_size * d
+    tensors = ((emb, 1 if m.tie_embeddings else 2), (d, 2 * L + 1), (e * d, L), (d * d, 2 * L), (d * kvd, 2 * L),
+               (d * f, mats * L * (e + int(m.shared_expert))))
+    return ParamCounts(
+        embedding=emb, lm_head=0 if m.tie_embeddings else emb, attention=L * (2 * d * d + 2 * d * kvd),
+        norms=(2 * L + 1) * d, router=L * e * d, experts=L * e * mats * d * f,
+        shared_expert=L * mats * d * f if m.shared_expert else 0, tensors=tensors)
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+@dataclass
+class Hardware:
+    """The machines: memory per GPU, memory per node, and how many of each."""
+
+    gpu_mem: Optional[int] = 24 * GiB     # bytes per GPU (ignored for accelerator='cpu')
+    cpu_mem: int = 64 * GiB               # bytes per node
+    gpus_per_node: int = 1                # = processes per node
+    nodes: int = 1
+    accelerator: str = "cuda"             # 'cuda', or 'cpu' (the demo: every "GPU" tensor is in host RAM)
+    host_buffer_factor: float = 1.5       # slack on host model states (DeepSpeed's additional_buffer_factor:
+    #                                       pinned host buffers round up to a power of two)
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ("cuda", "cpu"):
+            raise ConfigError(f"accelerator: expected 'cuda' or 'cpu', found {self.accelerator!r}")
+        if self.gpus_per_node < 1 or self.nodes < 1:
+            raise ConfigError(f"gpus_per_node and nodes: expected >= 1, found {self.gpus_per_node}, {self.nodes}")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass
+class Consumer:
+    name: str
+    bytes: int
+    category: str   # params | grads | optimizer | activations | buffers | overhead
+    phase: str      # always | init | train | fwd/bwd | step
+    note: str = ""
+
+
+def peak(rows: list[Consumer]) -> int:
+    """always + max(init, train + max(fwd/bwd, step)).
+
+    ``init`` is start-up (the model built on CPU), before any ``train`` tensor exists; ``train``
+    rows live for the whole run; ``fwd/bwd`` (activations, gathered params) and ``step``
+    (fp32 grads, optimizer workspace) never overlap. ``always``: fixed process overheads.
+    """
+    by = {p: sum(r.bytes for r in rows if r.phase == p) for p in PHASES}
+    return by["always"] + max(by["init"], by["train"] + max(by["fwd/bwd"], by["step"]))
+
+
+@dataclass
+class DeviceReport:
+    device: str                      # 'GPU' or 'CPU'
+    scope: str                       # 'per GPU' or 'per node'
+    capacity: Optional[int]
+    consumers: list[Consumer] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return peak(self.consumers)
+
+    @property
+    def model_states(self) -> int:
+        """Peak of parameters, gradients and optimizer states only (what DeepSpeed's estimators count)."""
+        return peak([c for c in self.consumers if c.category in MODEL_STATE])
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    @property
+    def biggest(self) -> Consumer:
+        return max(self.consumers, key=lambda c: c.bytes)
+
+    def get(self, name_prefix: str) -> int:
+        return sum(c.bytes for c in self.consumers if c.name.startswith(name_prefix))
+
+
+@dataclass
+class Settings:
+    """What the planner resolved from preset, launch JSON and flags."""
+
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    precision: str
+    optimizer: str
+    ep_size: int
+    world_size: int
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    activation_checkpointing: bool
+    zero_init: bool
+    zero: dict
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    params: ParamCounts
+    gpu: Optional[DeviceReport]
+    cpu: DeviceReport
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.cpu.fits and (self.gpu is None or self.gpu.fits)
+
+
+# --------------------------------------------------------------------------- the estimate
+def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Settings:
+    """Resolve the run the way the trainer does (build_ds_config), and check the parallel degrees."""
+    n, ep, e = hw.world_size, cfg.parallel.ep_size, cfg.model.num_experts
+    if e % ep:
+        raise ConfigError(f"model.num_experts ({e}) must be divisible by parallel.ep_size ({ep}); use --ep-size "
+                          f"from {[k for k in range(1, e + 1) if e % k == 0]}")
+    if n % ep:
+        raise ConfigError(f"world size ({n} = {hw.gpus_per_node} GPUs x {hw.nodes} nodes) must be divisible by "
+                          f"parallel.ep_size ({ep}); lower --ep-size")
+    ds = build_ds_config(cfg, launch if launch is not None else read_launch_json(None), n, hw.accelerator == "cuda")
+    z = ds["zero_optimization"]
+    stage = int(z["stage"])
+    if ep > 1 and stage == 3:
+        raise ConfigError(f"--ep-size {ep} with ZeRO-3 is not supported by the trainer; use --ep-size 1 or ZeRO-1/2")
+    zero = {k: float(z.get(k, v)) for k, v in DS_ZERO_DEFAULTS.items()}
+    zero["overlap_comm"] = bool(z.get("overlap_comm", stage == 3))
+    return Settings(
+        zero_stage=stage, offload_optimizer=z.get("offload_optimizer", {}).get("device", "none") != "none",
+        offload_params=z.get("offload_param", {}).get("device", "none") != "none",
+        precision="bf16" if ds["bf16"]["enabled"] else "fp32", optimizer=optimizer_kind(ds), ep_size=ep,
+        world_size=n, micro_batch=ds["train_micro_batch_size_per_gpu"], seq_len=cfg.train.seq_len,
+        grad_accum=ds["gradient_accumulation_steps"], activation_checkpointing=cfg.parallel.activation_checkpointing,
+        zero_init=zero_init and stage == 3, zero=zero)
+
+
+def activation_rows(m: ModelConfig, s: Settings, capacity_factor: Optional[float]) -> list[Consumer]:
+    """Saved activations of one micro-batch (formula in the module docstring)."""
+    lp, bt, d, k, f = (2 if s.precision == "bf16" else 4), s.micro_batch * s.seq_len, m.d_model, m.top_k, m.d_ff
+    imb = 1.0 if s.ep_size == 1 else (capacity_factor or DROPLESS_IMBALANCE)
+    hid = 4 if m.expert_type == "swiglu" else 2
+    attn = lp * (4 * d + 2 * m.kv_heads * m.head_dim) + 4 * m.n_heads + 8          # x, xn, q, o, k, v; lse, rstd
+    route = lp * (2 * d + 2 * k * d * imb) + 8 * m.num_experts + 12 * k              # MoE-in, xn; dispatch+combine
+    expert = lp * (k * hid * f * imb + (hid * f if m.shared_expert else 0))         # expert hidden tensors
+    block = attn + route + expert
+    saved = 1 if s.activation_checkpointing else m.n_layers
+    why = "one block recomputed" if s.activation_checkpointing else f"{m.n_layers} blocks"
+    rows = [Consumer(f"activations: attention + norms ({why})", int(bt * attn * saved), "activations", "fwd/bwd",
+                     "lp*(4d+2*kv*hd) per token, no T^2 (SDPA/flash)"),
+            Consumer(f"activations: MoE routing buffers ({why})", int(bt * route * saved), "activations", "fwd/bwd",
+                     f"top_k*T*d dispatched + combined, imbalance {imb:g}"),
+            Consumer(f"activations: expert hidden ({why})", int(bt * expert * saved), "activations", "fwd/bwd",
+                     f"top_k*T*{hid}*d_ff")]
+    if s.activation_checkpointing:
+        rows.append(Consumer("activations: checkpointed block inputs", bt * lp * d * m.n_layers, "activations",
+                             "fwd/bwd", "L*T*d"))
+    rows.append(Consumer("activation gradients (one block in backward)", int(bt * block), "activations", "fwd/bwd"))
+    rows.append(Consumer("LM head: logits + loss (fp32)", bt * (m.vocab_size * (12 + (2 if lp == 2 else 0)) + 2 * d * lp),
+                         "activations", "fwd/bwd", "B*T*V fp32 logits, log-softmax and its grad"))
+    return rows
+
+
+def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Plan:
+    """Estimate per-GPU and per-node CPU memory of training ``cfg`` on ``hw``.
+
+    ``launch`` is the DeepSpeed launch JSON (None: the trainer's default); ``zero_init`` plans
+    ZeRO-3 construction under ``deepspeed.zero.Init`` (the trainer builds the model plainly).
+    """
+    s = resolve(cfg, hw, launch, zero_init)
+    pc = count_params(cfg.model)
+    n, ep, stage = s.world_size, s.ep_size, s.zero_stage
+    lp = 2 if s.precision == "bf16" else 4
+    P, Pe, Pne = pc.total, pc.experts, pc.non_expert
+    local = Pne + Pe / ep                        # params a rank holds under ZeRO-1/2
+    S = P / n                                    # the partition a rank owns (ZeRO-1/2 states, ZeRO-3 all)
+    ll = pc.largest_module
+    mu_ne, mu_e = pc.muon(s.optimizer)
+    S_muon = (mu_ne + mu_e) / n
+    opt_dev = "cpu" if s.offload_optimizer else "gpu"
+    par_dev = "cpu" if s.offload_params else "gpu"
+    rows: dict[str, list[Consumer]] = {"gpu": [], "cpu": []}
+    notes: list[str] = []
+
+    def add(dev: str, name: str, nbytes: float, cat: str, phase: str = "train", note: str = "") -> None:
+        if nbytes > 0:
+            rows[dev].append(Consumer(name, int(nbytes), cat, phase, note))
+
+    lpn = s.precision
+    # parameters
+    if stage < 3:
+        add("gpu", f"parameters ({lpn} working copy)", lp * local, "params",
+            note=f"experts / ep {ep}" if ep > 1 else "replicated")
+    else:
+        add(par_dev, f"parameters ({lpn}, ZeRO-3 partition)", lp * S, "params", note=f"P/{n}")
+        add("gpu", "parameters gathered (ZeRO-3, largest module)", lp * ll, "params", "fwd/bwd", f"{ll / 1e6:.0f}M params")
+        thr = s.zero["stage3_param_persistence_threshold"]
+        add("gpu", "parameters persistent (ZeRO-3, small)", lp * pc.persistent(thr), "params",
+            note=f"tensors under {thr:.0e} elements, kept whole")
+    init = 4 * (ll if s.zero_init else P)
+    add("cpu", "fp32 model built at start-up", init, "params", "init",
+        "zero.Init: largest module" if s.zero_init else "full model, before EP/ZeRO sharding")
+    # gradients
+    if stage < 3:
+        if stage == 1 or not s.offload_optimizer:
+            full = stage == 1
+            add("gpu", f"gradients ({lpn}{'' if full else ', partition'})", lp * (local if full else S), "grads")
+        if s.offload_optimizer:
+            add("cpu", "gradients (fp32 partition, offloaded)", 4 * S, "grads")
+            if s.grad_accum > 1:
+                add("cpu", f"gradients ({lpn} accumulation buffer, offload)", lp * local, "grads",
+                    note=f"grad_accum {s.grad_accum}")
+        else:
+            add("gpu", "gradients (fp32 partition for the step)", 4 * S, "grads", "step")
+    else:
+        add("gpu", f"gradients ({lpn}, gathered module in flight)", lp * ll, "grads", "fwd/bwd")
+        add(opt_dev, f"gradients ({lpn} partition buffer)", lp * S, "grads", note="ZeRO-3 grad_partitions_flat_buffer")
+        if s.offload_optimizer:
+            add("cpu", "gradients (fp32 partition, offloaded)", 4 * S, "grads")
+        else:
+            sub = min(s.zero["sub_group_size"], S)
+            add("gpu", "gradients (fp32, one sub_group at the step)", 4 * sub, "grads", "step",
+                f"sub_group_size {s.zero['sub_group_size']:.0e}")
+    # master weights and optimizer states
+    add(opt_dev, "master weights (fp32 partition)", 4 * S, "optimizer", note=f"P/{n}")
+    opt_name = "AdamW m,v" if s.optimizer == "adamw" else "Muon momentum + AdamW m,v"
+    add(opt_dev, f"optimizer states ({opt_name}, fp32)", 8 * (S - S_muon) + 4 * S_muon, "optimizer",
+        note=f"Muon {S_muon * n / P:.0%} of params" if s.optimizer == "muon" else "")
+    if s.optimizer == "muon":  # on the largest Muon matrix: fp32 update + 2 bf16 iterates, two k x k products
+        m = cfg.model
+        r, c = max([(m.d_model, m.d_model), (m.d_model, m.d_ff), (m.num_experts, m.d_model)], key=lambda x: x[0] * x[1])
+        add(opt_dev, "Muon Newton-Schulz workspace", 8 * r * c + 4 * min(r, c) ** 2, "optimizer", "step",
+            f"largest matrix {r}x{c}")
+    # activations
+    for r in activation_rows(cfg.model, s, cfg.parallel.capacity_factor):
+        rows["gpu"].append(r)
+    # communication buffers
+    rb, ab = s.zero["reduce_bucket_size"], s.zero["allgather_bucket_size"]
+    if hw.accelerator == "cpu":  # host pages of torch.empty are resident only once written
+        rb, ab = min(rb, local), min(ab, local)
+    if stage < 3:
+        k = 2 if s.zero["overlap_comm"] else 1
+        add("gpu", "ZeRO reduce bucket", k * lp * rb, "buffers", note=f"{k} x {rb:.0e} elements")
+        if s.offload_optimizer:
+            add("gpu", "ZeRO offload gradient staging", lp * rb, "buffers", note=f"{rb:.0e} elements")
+        if n > 1:
+            add("gpu", "ZeRO all-gather bucket (updated params)", lp * ab, "buffers", "step", f"{ab:.0e} elements")
+    else:
+        add("gpu", "ZeRO-3 reduce bucket", lp * rb, "buffers", note=f"{rb:.0e} elements")
+        pf = s.zero["stage3_prefetch_bucket_size"]
+        add("gpu", "ZeRO-3 prefetch bucket", lp * pf, "buffers", "fwd/bwd", f"{pf:.0e} elements")
+    if ep > 1:
+        imb = cfg.parallel.capacity_factor or DROPLESS_IMBALANCE
+        bt = s.micro_batch * s.seq_len
+        add("gpu", "EP all-to-all buffers", 2 * lp * cfg.model.top_k * bt * cfg.model.d_model * imb, "buffers",
+            "fwd/bwd", "send + receive, top_k*T*d")
+    # fixed overheads
+    add("cpu", "process baseline (Python, torch, DeepSpeed)", HOST_PROCESS_BYTES[hw.accelerator], "overhead",
+        "always")
+    if hw.accelerator == "cuda":
+        add("gpu", "CUDA context + library workspaces", CUDA_CONTEXT_BYTES, "overhead", "always", "stated constant")
+        if n > 1:
+            add("gpu", "NCCL communicators", NCCL_BYTES, "overhead", "always", "stated constant")
+        frag = GPU_FRAGMENTATION * peak([c for c in rows["gpu"] if c.category != "overhead"])
+        add("gpu", "allocator fragmentation", frag, "overhead", "always", f"{GPU_FRAGMENTATION:.0%} of tensors")
+
+    # per GPU -> per node
+    per_node = hw.gpus_per_node
+    host_rows = rows["cpu"] + (rows["gpu"] if hw.accelerator == "cpu" else [])
+    factor = hw.host_buffer_factor if hw.accelerator == "cuda" else 1.0
+    cpu = DeviceReport("CPU", "per node", hw.cpu_mem)
+    for r in host_rows:
+        f = factor if r.category in MODEL_STATE else 1.0
+        note = [r.note] + ([f"x{f:g} host slack"] if f != 1.0 else []) + ([f"x{per_node} ranks"] if per_node > 1 else [])
+        cpu.consumers.append(Consumer(r.name, int(r.bytes * f * per_node), r.category, r.phase,
+                                      "; ".join(x for x in note if x)))
+    gpu = DeviceReport("GPU", "per GPU", hw.gpu_mem, rows["gpu"]) if hw.accelerator == "cuda" else None
+
+    if cfg.train.optimizer == "muon" and s.optimizer == "adamw":
+        notes.append("ZeRO-3 with reduce_scatter: the trainer falls back to AdamW for all parameters (planned so).")
+    if cpu.biggest.phase == "init" and cpu.biggest.bytes > cpu.total / 2:
+        notes.append(f"CPU peak is the fp32 model each of the {per_node} local rank(s) builds at start-up, before "
+                     "sharding; staggered or meta-device construction, or zero.Init (ZeRO-3, --zero-init), removes it.")
+    return Plan(s, pc, gpu, cpu, notes)
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_bytes(text: str) -> int:
+    """'24GB', '1.5TiB', '512M', '1e9' -> bytes. GB and GiB both mean 2^30 (as DeepSpeed prints)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 24GB, 180GB, 2TB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= 0.1 * scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-plan", description="Estimate per-GPU and per-node CPU memory of a "
+                                "moe_dist run and say whether it fits. Unset flags take the preset's values, then the launch "
+                                "JSON's. Exit code 0 whether or not it fits (2 for an invalid configuration).")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="Model/training preset.")
+    p.add_argument("--launch-config", metavar="JSON", help="DeepSpeed launch JSON (zero stage, offload, buckets); "
+                   "preset values and flags win over it, as in the trainer.")
+    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="ZeRO stage.")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="Master weights, optimizer states and fp32 grads on CPU.")
+    p.add_argument("--offload-params", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZeRO-3 parameter partitions on CPU.")
+    p.add_argument("--ep-size", type=int, help="Expert-parallel degree.")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="Recompute each block in backward.")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="Training precision (default: bf16 on GPU).")
+    p.add_argument("--optimizer", choices=["muon", "adamw"], help="Optimizer (Muon also uses AdamW for "
+                   "embeddings and norms).")
+    p.add_argument("--micro-batch", type=int, help="Sequences per rank per forward pass.")
+    p.add_argument("--seq-len", type=int, help="Tokens per sequence.")
+    p.add_argument("--global-batch", type=int, help="Sequences per optimizer step (sets grad accumulation).")
+    p.add_argument("--gpu-mem", default="24GB", help="Memory per GPU (default 24GB).")
+    p.add_argument("--cpu-mem", default="64GB", help="Memory per node (default 64GB).")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (= processes) per node.")
+    p.add_argument("--nodes", type=int, default=1, help="Nodes.")
+    p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
+                   help="'cpu' plans a CPU-only run (the demo): all tensors in host memory.")
+    p.add_argument("--zero-init", action="store_true", help="Plan ZeRO-3 construction under deepspeed.zero.Init.")
+    p.add_argument("--host-buffer-factor", type=float, default=1.5,
+                   help="Slack on host-side model states (DeepSpeed's additional_buffer_factor).")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> RunConfig:
+    cfg = get_preset(a.preset)
+    over: dict[str, Any] = {}
+    for flag, key in (("zero_stage", "parallel.zero_stage"), ("offload_optimizer", "parallel.offload_optimizer"),
+                      ("offload_params", "parallel.offload_params"), ("ep_size", "parallel.ep_size"),
+                      ("activation_checkpointing", "parallel.activation_checkpointing"),
+                      ("precision", "parallel.precision"), ("optimizer", "train.optimizer"),
+                      ("micro_batch", "train.micro_batch_size"), ("seq_len", "train.seq_len"),
+                      ("global_batch", "train.global_batch_size")):
+        if getattr(a, flag) is not None:
+            over[key] = getattr(a, flag)
+    return apply_overrides(cfg, over)
+
+
+def render(pl: Plan, preset: str, console: Any) -> None:
+    from rich.table import Table
+
+    s, pc = pl.settings, pl.params
+    off = "+".join(x for x, on in (("optimizer", s.offload_optimizer), ("params", s.offload_params)) if on) or "none"
+    console.print(f"[bold]{preset}[/]: {fmt_count(pc.total)} params ({fmt_count(pc.experts)} in routed experts) | "
+                  f"ZeRO-{s.zero_stage}, offload {off}, {s.precision}, {s.optimizer}, world {s.world_size}, "
+                  f"EP {s.ep_size}, micro {s.micro_batch} x seq {s.seq_len}, grad accum {s.grad_accum}, "
+                  f"act. ckpt {'on' if s.activation_checkpointing else 'off'}")
+    for rep in (pl.gpu, pl.cpu):
+        if rep is None:
+            continue
+        t = Table(title=f"{rep.device} memory ({rep.scope})", title_justify="left")
+        for col, just in (("consumer", "left"), ("phase", "left"), ("size", "right"), ("note", "left")):
+            t.add_column(col, justify=just)
+        for c in sorted(rep.consumers, key=lambda c: -c.bytes):
+            t.add_row(c.name, c.phase, fmt_bytes(c.bytes), c.note)
+        t.add_section()
+        t.add_row("[bold]total (peak over phases)[/]", "", f"[bold]{fmt_bytes(rep.total)}[/]", "")
+        t.add_row("capacity", "", fmt_bytes(rep.capacity), "")
+        verdict = "[bold green]FITS[/]" if rep.fits else "[bold red]DOES NOT FIT[/]"
+        t.add_row(verdict, "", "", f"biggest consumer: {rep.biggest.name} ({fmt_bytes(rep.biggest.bytes)})")
+        console.print(t)
+    for note in pl.notes:
+        console.print(f"note: {note}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from rich.console import Console
+
+    a = build_parser().parse_args(argv)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    try:
+        cfg = config_from_args(a)
+        hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
+                      nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
+        launch = read_launch_json(a.launch_config)
+        pl = plan(cfg, hw, launch, zero_init=a.zero_init)
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    render(pl, cfg.preset, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Unit tests of moe_dist.model: routing, dispatch, the LM, parameter counts. CPU, tiny configs.
+
+Legend: T tokens, D d_model, E experts, K top-k, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from moe_dist.config import ModelConfig, get_preset
+from moe_dist.model import (LocalDispatcher, MoE18BLLM, MoEFeedForward, MoETransformer, count_parameters,
+                            flatten_assignments, route)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, d_ff=24, num_experts=4, top_k=2, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
+    torch.manual_seed(seed)
+    return MoETransformer(cfg)
+
+
+# --------------------------------------------------------------------------- the LM
+def test_shapes_and_names():
+    cfg = tiny()
+    model = build(cfg)
+    logits, aux = model(torch.randint(0, cfg.vocab_size, (3, 10)))
+    assert logits.shape == (3, 10, cfg.vocab_size) and aux.ndim == 0
+    names = dict(model.named_parameters())
+    assert "layers.1.ffn.experts.3.w_down.weight" in names and "layers.0.ffn.router.weight" in names
+    assert "lm_head.weight" not in names  # tied: one parameter, named once
+    assert not any("rope" in k for k in model.state_dict())
+    assert len(list(model.moe_layers())) == cfg.n_layers and MoE18BLLM is MoETransformer
+
+
+def test_return_aux_loss_false_gives_none():
+    cfg = tiny()
+    logits, aux = build(cfg)(torch.randint(0, cfg.vocab_size, (2, 8)), return_aux_loss=False)
+    assert aux is None and logits.shape == (2, 8, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("kv", [None, 2])
+def test_causal(kv):
+    cfg = tiny(n_kv_heads=kv)
+    model = build(cfg).eval()
+    tok = torch.randint(0, cfg.vocab_size, (2, 12))
+    t = 5
+    changed = tok.clone()
+    changed[:, t + 1:] = torch.randint(0, cfg.vocab_size, (2, 12 - t - 1))
+    with torch.no_grad():
+        a, _ = model(tok)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_same_seed_bitwise_equal():
+    cfg = tiny(shared_expert=True)
+    tok = torch.randint(0, cfg.vocab_size, (2, 16))
+    outs = []
+    for _ in range(2):
+        model = build(cfg, seed=7).train()
+        torch.manual_seed(3)  # router noise
+        outs.append(model(tok))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_gradient_checkpointing_matches():
+    cfg = tiny(router_noise_std=0.5)  # large noise: a recompute with other noise would reroute
+    tok = torch.randint(0, cfg.vocab_size, (2, 16))
+    results = []
+    for ckpt in (False, True):
+        model = build(cfg, seed=1).train()
+        model.gradient_checkpointing = ckpt
+        torch.manual_seed(11)
+        logits, aux = model(tok)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.reshape(-1)) + aux
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_bf16_cast_keeps_fp32_rope():
+    cfg = tiny()
+    model = build(cfg).to(torch.bfloat16)
+    logits, _ = model(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert logits.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+
+
+def test_init_scales_output_projections():
+    cfg = tiny(d_model=64, d_ff=128, n_layers=8, init_std=0.02)
+    model = build(cfg)
+    assert abs(model.layers[0].attn.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(model.layers[0].ffn.experts["0"].w_down.weight.std().item() - 0.02 / 4) < 0.0005
+    assert torch.equal(model.norm.weight, torch.ones(cfg.d_model))
+
+
+# --------------------------------------------------------------------------- router
+def test_router_topk_hand_case():
+    cfg = tiny(d_model=4, n_heads=1, num_experts=4, top_k=2)
+    layer = MoEFeedForward(cfg).eval()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))  # logits == x
+    x_TD = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    r = route(layer.router(x_TD), cfg.top_k)
+    assert r.idx_TK.tolist() == [[0, 1], [2, 3]]
+    w0 = math.exp(2) / (math.exp(2) + math.exp(1))
+    w1 = math.exp(3) / (math.exp(3) + math.exp(1))
+    torch.testing.assert_close(r.weight_TK, torch.tensor([[w0, 1 - w0], [w1, 1 - w1]]))
+    assert r.tokens_per_expert_E.tolist() == [1, 1, 1, 1] and not r.tokens_per_expert_E.requires_grad
+
+
+def test_aux_loss_hand_case():
+    # T=3, E=2, K=1: tokens 0 and 2 pick expert 0, token 1 expert 1; probs are .75/.25 (ln 3 apart).
+    logits_TE = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    r = route(logits_TE, 1)
+    # f = [2/3, 1/3]; P = [(.75 + .25 + .75)/3, (.25 + .75 + .25)/3] = [7/12, 5/12]
+    expected = 2 * (2 / 3 * 7 / 12 + 1 / 3 * 5 / 12)
+    torch.testing.assert_close(r.aux_loss, torch.tensor(expected))
+    torch.testing.assert_close(route(torch.zeros(8, 4), 2).aux_loss, torch.tensor(1.0))  # uniform -> 1
+
+
+def test_router_noise_only_in_training():
+    cfg = tiny(router_noise_std=1.0)
+    layer = MoEFeedForward(cfg)
+    x = torch.randn(1, 32, cfg.d_model)
+    layer.eval()
+    assert torch.equal(layer(x)[0], layer(x)[0])
+    layer.train()
+    assert not torch.equal(layer(x)[0], layer(x)[0])
+
+
+# --------------------------------------------------------------------------- dispatch
+def dense_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert on every token, masked by the routing weights (eval mode: no noise)."""
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    r = route(layer.router(x_TD).float(), layer.top_k)
+    mask_TE = torch.zeros(x_TD.shape[0], layer.num_experts).scatter(1, r.idx_TK, r.weight_TK)
+    y_TD = sum(mask_TE[:, e:e + 1] * layer.experts[str(e)](x_TD) for e in range(layer.num_experts))
+    if layer.shared_expert is not None:
+        y_TD = y_TD + layer.shared_expert(x_TD)
+    return y_TD.view_as(x_BTD), r.aux_loss
+
+
+@pytest.mark.parametrize("expert_type", ["swiglu", "silu_mlp"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dispatch_matches_dense(expert_type, shared):
+    cfg = tiny(expert_type=expert_type, shared_expert=shared, num_experts=5, top_k=2)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(cfg).eval()
+    x = torch.randn(2, 9, cfg.d_model)
+    grads = []
+    for fn in (layer, lambda t: dense_reference(layer, t)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y, aux = fn(xi)
+        (y.square().sum() + aux).backward()
+        grads.append((y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y0, gx0, gp0), (y1, gx1, gp1) = grads
+    torch.testing.assert_close(y0, y1)
+    torch.testing.assert_close(gx0, gx1)
+    for n in gp0:
+        torch.testing.assert_close(gp0[n], gp1[n], msg=n)
+    assert layer.last_tokens_per_expert.sum().item() == 18 * 2 and layer.last_dropped == 0
+
+
+def test_idle_expert_gets_zero_grad():
+    cfg = tiny(num_experts=4, top_k=1)
+    layer = MoEFeedForward(cfg).eval()
+    x_TD = torch.randn(6, cfg.d_model, requires_grad=True)
+    idx_TK = torch.tensor([[0], [1], [0], [1], [0], [1]])
+    y, dropped = layer.dispatcher(x_TD, idx_TK, torch.ones(6, 1), layer.experts, None)
+    y.sum().backward()
+    for e in ("2", "3"):
+        g = layer.experts[e].w_up.weight.grad
+        assert g is not None and torch.count_nonzero(g) == 0
+    assert torch.count_nonzero(layer.experts["0"].w_up.weight.grad) > 0
+
+
+def test_capacity_drops_later_tokens():
+    # E=2, K=2, T=4, factor 0.75 -> capacity ceil(0.75*4*2/2) = 3 slots per expert.
+    idx_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [0, 1]])
+    w_TK = torch.full((4, 2), 0.5)
+    expert_A, token_A, weight_A, dropped = flatten_assignments(idx_TK, w_TK, 2, 0.75)
+    assert dropped == 2
+    assert expert_A.tolist() == [0, 0, 0, 1, 1, 1] and token_A.tolist() == [0, 1, 2, 0, 1, 2]
+    # capacity 1 with K=1: expert 0 gets tokens 0,2,3 and keeps only token 0
+    e, t, _, d = flatten_assignments(torch.tensor([[0], [1], [0], [0]]), torch.ones(4, 1), 2, 0.5)
+    assert (e.tolist(), t.tolist(), d) == ([0, 1], [0, 1], 2)
+
+
+def test_capacity_in_dispatcher_zeroes_dropped_tokens():
+    cfg = tiny(num_experts=2, top_k=1)
+    layer = MoEFeedForward(cfg)
+    x_TD = torch.randn(4, cfg.d_model)
+    idx_TK = torch.tensor([[0], [1], [0], [0]])
+    y, dropped = LocalDispatcher(2)(x_TD, idx_TK, torch.ones(4, 1), layer.experts, 1.0)  # capacity 2
+    full, _ = LocalDispatcher(2)(x_TD, idx_TK, torch.ones(4, 1), layer.experts, None)
+    assert dropped == 1
+    assert torch.equal(y[3], torch.zeros(cfg.d_model))
+    torch.testing.assert_close(y[:3], full[:3])
+
+
+def test_layer_records_drops():
+    cfg = tiny(num_experts=4, top_k=2)
+    layer = MoEFeedForward(cfg).eval()
+    layer.capacity_factor = 0.25  # capacity ceil(0.25*32*2/4) = 4 of 16 average
+    layer(torch.randn(2, 16, cfg.d_model))
+    assert layer.last_dropped > 0 and layer.last_tokens_per_expert.sum().item() == 64
+
+
+def test_subset_of_experts():
+    cfg = tiny(num_experts=8, top_k=2)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(cfg)
+    full = {k: v for k, v in layer.experts.items()}
+    subset = nn.ModuleDict({"2": full["2"], "5": full["5"]})
+    x_TD = torch.randn(10, cfg.d_model)
+    idx_TK = torch.tensor([[2, 5], [5, 2]] * 5)
+    w_TK = torch.softmax(torch.randn(10, 2), -1)
+    y_sub, _ = LocalDispatcher(8)(x_TD, idx_TK, w_TK, subset, None)
+    y_full, _ = LocalDispatcher(8)(x_TD, idx_TK, w_TK, layer.experts, None)
+    torch.testing.assert_close(y_sub, y_full)
+    y_inf, _ = LocalDispatcher()(x_TD, idx_TK, w_TK, subset, None)  # E inferred from keys
+    torch.testing.assert_close(y_inf, y_full)
+    with pytest.raises(KeyError):
+        LocalDispatcher(8)(x_TD, torch.tensor([[2, 3]] * 10), w_TK, subset, None)
+    # The layer itself keeps working after non-local experts are deleted (as expert parallelism does).
+    for k in [k for k in layer.experts.keys() if k not in ("2", "5")]:
+        del layer.experts[k]
+    with torch.no_grad():  # positive inputs: logits > 0 for experts 2 and 5, < 0 for the rest
+        layer.router.weight.fill_(-1.0)
+        layer.router.weight[[2, 5]] = 1.0
+    y, _ = layer.eval()(x_TD.abs().view(1, 10, -1) + 0.1)
+    assert torch.isfinite(y).all() and layer.last_tokens_per_expert[[2, 5]].tolist() == [10, 10]
+
+
+# --------------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("kw", [
+    {}, {"tie_embeddings": False}, {"shared_expert": True}, {"n_kv_heads": 2},
+    {"expert_type": "silu_mlp", "tie_embeddings": False, "shared_expert": True, "n_kv_heads": 1, "top_k": 1},
+])
+def test_count_parameters_matches_model(kw):
+    cfg = tiny(**kw)
+    model = build(cfg)
+    total, active = count_parameters(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    per_expert = sum(p.numel() for p in model.layers[0].ffn.experts["0"].parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert active == total - routed + cfg.n_layers * cfg.top_k * per_expert
+
+
+@pytest.mark.parametrize("name", ["4090", "b200", "18b"])
+def test_count_parameters_presets(name):
+    total, active = count_parameters(get_preset(name).model)
+    assert 0 < active < total
+    if name == "18b":
+        assert 18.0e9 < total < 19.0e9
+
+
+def test_model_package_has_no_parallel_imports():
+    banned = re.compile(r"^\s*(import|from)\s+(torch\.distributed|deepspeed|accelerate)\b", re.M)
+    root = Path(__file__).resolve().parents[2] / "moe_dist" / "model"
+    for f in root.glob("*.py"):
+        assert not banned.search(f.read_text()), f"{f} imports a parallel library"

@@ -1,0 +1,52 @@
+"""Optimizer grouping and the LR schedule (counted in optimizer steps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moe_dist.config import ModelConfig, TrainConfig
+from moe_dist.model import MoETransformer
+from moe_dist.optim import LRSchedule, is_expert_param, param_groups, tag_parameters, uses_muon
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_param_in_exactly_one_group_and_muon_rule(tie):
+    model = MoETransformer(ModelConfig(d_model=32, d_ff=32, n_heads=2, n_layers=2, num_experts=4,
+                                       tie_embeddings=tie, shared_expert=True))
+    tag_parameters(model)
+    groups = param_groups(model, weight_decay=0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    named = dict(model.named_parameters())
+    muon = {n for n, p in named.items() if p.use_muon}
+    assert not any("embed" in n or "lm_head" in n for n in muon)
+    assert all(named[n].ndim == 2 for n in muon)
+    assert any(".router." in n for n in muon) and any(".experts." in n for n in muon)
+    assert {n for n, p in named.items() if p.ndim == 1}.isdisjoint(muon)  # norms go to AdamW
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert is_expert_param("layers.0.ffn.experts.3.w_up.weight") and not is_expert_param(
+        "layers.0.ffn.shared_expert.w_up.weight")
+
+
+def test_schedule_warmup_and_cosine_in_optimizer_steps():
+    s = LRSchedule.from_config(TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1, muon_lr=0.02,
+                                           adamw_lr=1e-3))
+    assert s.factor(0) == pytest.approx(0.1) and s.factor(9) == pytest.approx(1.0)
+    assert s.factor(10) == pytest.approx(1.0)
+    assert s.factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s.factor(110) == pytest.approx(0.1) and s.factor(500) == pytest.approx(0.1)
+    groups = [{"use_muon": True}, {"use_muon": False}]
+    s.apply(groups, 60)
+    assert groups[0]["lr"] == pytest.approx(0.02 * 0.55) and groups[1]["lr"] == pytest.approx(1e-3 * 0.55)
+    s.apply(groups, 60, all_adamw=True)
+    assert groups[0]["lr"] == pytest.approx(1e-3 * 0.55)
+    assert math.isfinite(LRSchedule(0, 0, 0.0, 1.0, 1.0).factor(0))
+
+
+def test_uses_muon_matches_deepspeed_rule():
+    import torch
+    assert uses_muon("layers.0.attn.wq.weight", torch.zeros(2, 2))
+    assert not uses_muon("embed.weight", torch.zeros(2, 2))
+    assert not uses_muon("layers.0.attn_norm.weight", torch.zeros(2))
