@@ -29,6 +29,7 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--save-every": ("checkpoint.save_every", {"type": int}),
     "--keep-last": ("checkpoint.keep_last", {"type": int}),
     "--resume": ("checkpoint.resume", {}),
+    "--stop-at-step": ("checkpoint.stop_at_step", {"type": int}),
     "--zero-stage": ("parallel.zero_stage", {"type": int, "choices": [1, 2, 3]}),
     "--ep-size": ("parallel.ep_size", {"type": int}),
     "--capacity-factor": ("parallel.capacity_factor", {"type": float}),

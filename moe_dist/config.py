@@ -170,6 +170,9 @@ class CheckpointConfig:
     keep_last: int = _f(0, "Keep only the newest K periodic checkpoints (0 = keep all).")
     resume: Optional[str] = _f(None, "A checkpoint folder, checkpoint_latest, or 'auto' (newest complete one, if any).")
     async_save: bool = _f(False, "Write checkpoints in the background while training continues.")
+    stop_at_step: Optional[int] = _f(
+        None, "Save and exit once this step is reached, without changing the LR schedule (for jobs with a time "
+              "limit: the next job continues with --resume auto).")
     verify: bool = _f(True, "Verify the checkpoint manifest (sizes, checksums) before loading.")
 
     def __post_init__(self) -> None:

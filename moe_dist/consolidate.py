@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import enum
 import json
 import math
 import os
@@ -67,11 +69,11 @@ from .logging_utils import get_logger
 
 MODEL_PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_READ_BUDGET = 64 << 20
+DEFAULT_READ_BUDGET = 32 << 20
 DEFAULT_MAX_SHARD = "5GB"
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 MOE_CONFIG = "moe_dist_config.json"
-Progress = Callable[[int], None]
+Advance = Callable[[int], None]  # called with the bytes just read
 
 
 class ConsolidateError(RuntimeError):
@@ -89,10 +91,9 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("torch.distributed.checkpoint."):
-            obj = getattr(sys.modules.get(module), name, None) if module in sys.modules else None
-            if obj is None:
-                obj = super().find_class(module, name)
-            if isinstance(obj, type) and obj.__module__ == module:
+            obj = super().find_class(module, name)  # imports torch's own module, nothing else
+            if isinstance(obj, type) and obj.__module__ == module and (
+                    dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
                 return obj
         elif module in ("torch", "torch.serialization"):
             obj = getattr(torch if module == "torch" else torch.serialization, name, None)
@@ -145,7 +146,7 @@ class TensorSpec:
 @dataclass
 class ModelLayout:
     specs: list[TensorSpec]      # state_dict order
-    sd_metadata: dict[str, Any]  # the state_dict's ``_metadata`` (module versions), kept for the .pt
+    sd_metadata: Any  # the state_dict's ``_metadata`` (module versions, an OrderedDict), kept for the .pt
 
     @property
     def stored(self) -> list[TensorSpec]:
@@ -167,7 +168,7 @@ def model_layout(cfg: ModelConfig) -> ModelLayout:
         owner = first.setdefault(id(t), name)
         specs.append(TensorSpec(name, tuple(t.shape), MODEL_PREFIX + param_name.get(id(t), name),
                                 None if owner == name else owner))
-    return ModelLayout(specs, dict(getattr(sd, "_metadata", {})))
+    return ModelLayout(specs, getattr(sd, "_metadata", None))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -246,28 +247,30 @@ class Checkpoint:
             dcp.load(dests, storage_reader=self.reader, no_dist=True)
 
     def iter_tensors(self, specs: list[TensorSpec], budget: int = DEFAULT_READ_BUDGET,
-                     progress: Optional[Progress] = None) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        """(spec, tensor shaped like the parameter, stored dtype) in order, ``budget`` bytes per read."""
-        batch: list[TensorSpec] = []
+                     progress: Optional[Advance] = None) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """(spec, tensor shaped like the parameter, in the stored dtype), in order, read ``budget``
+        bytes (or one larger tensor) per ``dcp.load``.
+
+        Every tensor is a view into one buffer reused from batch to batch: it is valid until the
+        next one is requested (clone it to keep it). So memory is one buffer, whatever the
+        consumer and malloc do, and no page is faulted in twice."""
+        batches: list[list[tuple[TensorSpec, int, int]]] = [[]]  # (spec, byte offset, nbytes)
         size = 0
         for spec in specs:
             nbytes = spec.numel * self.stored_dtype(spec).itemsize
-            if batch and size + nbytes > budget:
-                yield from self._read_batch(batch, progress)
-                batch, size = [], 0
-            batch.append(spec)
-            size += nbytes
-        if batch:
-            yield from self._read_batch(batch, progress)
-
-    def _read_batch(self, batch: list[TensorSpec], progress: Optional[Progress]):
-        dests = {s.source: torch.empty(s.numel, dtype=self.stored_dtype(s)) for s in batch}
-        self.load(dests)
-        for s in batch:
-            t = dests.pop(s.source)  # the consumer holds the only reference: freed once it is done
-            if progress:
-                progress(t.nbytes)
-            yield s, t.view(s.shape)
+            if batches[-1] and size + nbytes > budget:
+                batches.append([])
+                size = 0
+            batches[-1].append((spec, size, nbytes))
+            size += -(-nbytes // 64) * 64  # keep every view 64-byte aligned
+        buf_U8 = torch.empty(max((o + n for b in batches for _, o, n in b), default=0), dtype=torch.uint8)
+        for batch in batches:
+            dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)) for s, o, n in batch}
+            self.load(dests)
+            for s, _, n in batch:
+                if progress:
+                    progress(n)
+                yield s, dests[s.source].view(s.shape)
 
 
 # ============================================================================ .pt, streamed
@@ -338,14 +341,15 @@ def _combined_crc(records: list[_Record]) -> int:
     return c
 
 
-def _write_pt(ckpt: Checkpoint, out: Path, dtype: torch.dtype, budget: int, progress: Optional[Progress]) -> int:
+def _write_pt(ckpt: Checkpoint, out: Path, dtype: torch.dtype, budget: int, progress: Optional[Advance]) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     lay, state = ckpt.layout, ckpt.state
     mode = FakeTensorMode()
     owners: dict[str, torch.Tensor] = {}
     sd: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-    sd._metadata = lay.sd_metadata  # type: ignore[attr-defined]  # as model.state_dict() carries it
+    if lay.sd_metadata is not None:
+        sd._metadata = lay.sd_metadata  # type: ignore[attr-defined]  # as model.state_dict() carries it
     with mode:
         for s in lay.specs:
             if s.alias_of is None:
@@ -390,7 +394,8 @@ def _write_pt(ckpt: Checkpoint, out: Path, dtype: torch.dtype, budget: int, prog
             f.seek(sid.data_offset)
             f.write(text)
             sid.crc = zlib.crc32(text)
-        for r in (data + [sid] if patch_sid else data) if patch_crc else []:
+        patched = (data + [sid] if patch_sid else data) if patch_crc else []
+        for r in patched:
             for at in r.crc_offsets:
                 f.seek(at)
                 f.write(struct.pack("<I", r.crc))
@@ -409,7 +414,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "intermediate_size": cfg.d_ff, "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
         "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "expert_type": cfg.expert_type,
-        "torch_dtype": str(dtype).removeprefix("torch."), "moe_dist": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "torch_dtype": str(dtype).removeprefix("torch."), "moe_dist": dataclasses.asdict(cfg),
     }
 
 
@@ -428,7 +433,7 @@ def _plan_shards(specs: list[TensorSpec], itemsize: int, max_bytes: int) -> list
 
 
 def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, budget: int,
-                       progress: Optional[Progress]) -> int:
+                       progress: Optional[Advance]) -> int:
     from safetensors.torch import save_file
 
     stored = ckpt.layout.stored
@@ -437,15 +442,18 @@ def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shar
     files = [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     tensors = ckpt.iter_tensors(stored, budget, progress)
     weight_map, total = {}, 0
+    umask = os.umask(0)
+    os.umask(umask)
     for shard, fname in zip(shards, files):
         part = {}
         for _ in shard:
             s, t = next(tensors)
-            part[s.name] = t.to(dtype).contiguous()
+            part[s.name] = t.to(dtype, copy=True)  # t is a view into the reader's reused buffer
             weight_map[s.name] = fname
             total += part[s.name].nbytes
             del t
         save_file(part, str(out / fname), metadata={"format": "pt"})
+        os.chmod(out / fname, 0o666 & ~umask)  # safetensors creates files 0600
         del part
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -483,7 +491,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def verify_output(ckpt: Checkpoint, out: Path, fmt: str, dtype: torch.dtype, budget: int,
-                  progress: Optional[Progress] = None) -> int:
+                  progress: Optional[Advance] = None) -> int:
     """Reload ``out`` and compare every tensor with the checkpoint, bit for bit after the cast.
     Returns the number of tensors compared; raises ConsolidateError on the first difference."""
     specs = ckpt.layout.specs
@@ -550,7 +558,7 @@ def _check_output(out: Path, folder: Path, fmt: str, force: bool) -> None:
 def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, dtype: str = "fp32",
                 fmt: str = "pt", max_shard_size: Optional[str | int] = None, verify: bool = False,
                 verify_manifest: bool = True, force: bool = False, read_budget: str | int = DEFAULT_READ_BUDGET,
-                progress: Optional[Callable[[str, int], Progress]] = None) -> Result:
+                progress: Optional[Callable[[str, int], Advance]] = None) -> Result:
     """Write the model of a DCP checkpoint as a ``.pt`` or a safetensors export (see module doc).
 
     ``progress(description, total_bytes)`` may return a per-bytes callback (the CLI's rich bar)."""
@@ -616,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default fp32)")
     p.add_argument("--format", choices=["pt", "safetensors"], default="pt", dest="fmt", help="output format")
     p.add_argument("--max-shard-size", help=f"safetensors shard size, e.g. 500MB (default {DEFAULT_MAX_SHARD})")
-    p.add_argument("--read-budget", default="64MB", help="bytes read per DCP load; bounds memory (default 64MB)")
+    p.add_argument("--read-budget", default="32MB",
+                   help="bytes per DCP read; peak memory is about this or the largest tensor (default 32MB)")
     p.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
     p.add_argument("--no-verify-manifest", action="store_true", help="skip the checkpoint's size/SHA-256 check")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -634,7 +643,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
               TimeRemainingColumn(), console=err, disable=a.quiet, transient=False)
 
-    def progress(desc: str, total: int) -> Progress:
+    def progress(desc: str, total: int) -> Advance:
         task = bar.add_task(desc, total=total)
         return lambda n: bar.advance(task, n)
 

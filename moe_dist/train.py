@@ -116,9 +116,11 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
                  f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
                  f"optimizer {rt.optimizer_kind}"
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else ""))
-        trainer.fit(on_step=ui.on_step, should_stop=lambda: ckpt.stop_requested(stop["flag"]),
-                    after_step=ckpt.after_step)
-        saved = ckpt.finish(interrupted=trainer.state.step < cfg.train.max_steps)
+        stop_at = cfg.checkpoint.stop_at_step
+        trainer.fit(on_step=ui.on_step, after_step=ckpt.after_step,
+                    should_stop=lambda: ckpt.stop_requested(stop["flag"])
+                    or (stop_at is not None and trainer.state.step >= stop_at))
+        saved = ckpt.finish(interrupted=stop["flag"])
         ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
                                      "EP size": cfg.parallel.ep_size,
                                      "checkpoint": saved or "-"})

@@ -60,8 +60,10 @@ class Fragment:
 
 
 def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) or (torch.is_tensor(v) and v.numel() == 1
-                                                                      and v.dim() == 0)
+    """A Python number (not a bool) or a 0-dim tensor: torch's Adam keeps ``step`` as the latter."""
+    if torch.is_tensor(v):
+        return v.dim() == 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def zero_stage(engine: Any) -> int:

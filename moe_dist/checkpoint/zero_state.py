@@ -24,6 +24,13 @@ under a global name). A ``ShardedTensor``'s metadata must list every rank's shar
 with no local shard where it owns nothing. The same gather rejects keys two ranks claim for the
 same elements (a ``key_fn`` that is not globally unique) and fragments that leave holes.
 
+Why ``ShardedTensor`` (which torch marks deprecated, hence a FutureWarning from DCP): ZeRO-1/2
+fragments start and end anywhere, and a DTensor ``Shard(0)`` placement only describes the even
+``torch.chunk`` split; ShardedTensor metadata takes arbitrary 1-D offsets and DCP reshards it.
+
+``group``: the process group of the layout all-gather (default: the world). Pass the gloo group
+DCP itself uses when the default group is NCCL.
+
 Use (all ranks)::
 
     dcp.save(zero_state_dict(engine), checkpoint_id=path)
@@ -130,23 +137,37 @@ class _Span:
     device: str
 
 
-def _gather_layout(spans: list[_Span], group: Any, local_error: Optional[str]) -> dict[str, list[tuple[int, _Span]]]:
-    """key -> [(global rank, span)] over all ranks, checked to tile [0, numel) exactly.
+def _error_text(e: Optional[BaseException]) -> Optional[str]:
+    if e is None:
+        return None
+    return str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
 
-    Local failures travel in the same gather, so every rank raises together instead of the
-    healthy ones waiting forever in the collective for a rank that already raised.
-    """
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (spans, local_error), group=group)
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(gathered)))
-    else:
-        gathered, ranks = [(spans, local_error)], [0]
-    errors = [f"rank {r}: {err}" for r, (_, err) in zip(ranks, gathered) if err]
+
+def _all_gather(obj: Any, group: Any) -> list[tuple[int, Any]]:
+    """[(global rank, obj of that rank)] over ``group`` (the world by default)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [(0, obj)]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(gathered)))
+    return list(zip(ranks, gathered))
+
+
+def _raise_if_any(per_rank_errors: list[tuple[int, Optional[str]]], local: Optional[BaseException]) -> None:
+    """Raise on every rank if any rank failed: a rank that raised alone would leave the others
+    waiting forever in the next collective."""
+    errors = [f"rank {r}: {err}" for r, err in per_rank_errors if err]
     if errors:
-        raise CheckpointError("; ".join(errors))
+        raise CheckpointError("; ".join(errors)) from local
+
+
+def _gather_layout(spans: list[_Span], group: Any, local_error: Optional[BaseException]
+                   ) -> dict[str, list[tuple[int, _Span]]]:
+    """key -> [(global rank, span)] over all ranks, checked to tile [0, numel) exactly."""
+    gathered = _all_gather((spans, _error_text(local_error)), group)
+    _raise_if_any([(r, err) for r, (_, err) in gathered], local_error)
     layout: dict[str, list[tuple[int, _Span]]] = {}
-    for rank, (rank_spans, _) in zip(ranks, gathered):
+    for rank, (rank_spans, _) in gathered:
         for sp in rank_spans:
             layout.setdefault(sp.key, []).append((rank, sp))
     for key, entries in layout.items():
@@ -187,15 +208,15 @@ def _build(tensors: dict[str, tuple[torch.Tensor, int, int]], group: Any,
     """{key: (local [n] tensor, offset, numel)} -> {key: ShardedTensor}, one collective for all keys."""
     spans = [_Span(k, off, t.numel(), numel, str(t.dtype).removeprefix("torch."), str(t.device))
              for k, (t, off, numel) in tensors.items()]
-    err = None if local_error is None else (str(local_error) if isinstance(local_error, CheckpointError)
-                                            else f"{type(local_error).__name__}: {local_error}")
-    try:
-        layout = _gather_layout(spans, group, err)
-    except CheckpointError as e:
-        if local_error is not None:
-            raise e from local_error
-        raise
+    layout = _gather_layout(spans, group, local_error)
     return {k: _sharded(k, layout[k], tensors[k][0] if k in tensors else None) for k in sorted(layout)}
+
+
+def _claim(owners: dict[str, str], key: str, name: str) -> str:
+    """Record that ``name`` is saved under ``key``; two parameters of one rank may not share a key."""
+    if owners.setdefault(key, name) != name:
+        raise CheckpointError(f"key_fn maps parameters '{owners[key]}' and '{name}' to the same key '{key}'")
+    return key
 
 
 def _scalar_value(v: Any) -> torch.Tensor:
@@ -212,9 +233,10 @@ def zero_state_dict(engine: Any, key_fn: KeyFn = _identity, *, group: Any = None
     tensors: dict[str, tuple[torch.Tensor, int, int]] = {}
     scalars: dict[str, torch.Tensor] = {}
     error: Optional[BaseException] = None
+    owners: dict[str, str] = {}
     try:
         for f in local_fragments(engine):
-            key = key_fn(f.name)
+            key = _claim(owners, key_fn(f.name), f.name)
             tensors[model_key(key)] = (f.master, f.offset, f.numel)
             for state, t in f.states.items():
                 tensors[optim_key(state, key)] = (t, f.offset, f.numel)
@@ -257,8 +279,9 @@ def zero_load_template(engine: Any, key_fn: KeyFn = _identity, checkpoint_path: 
             skipped.append(k)
             return False
 
+        owners: dict[str, str] = {}
         for f in local_fragments(engine):
-            key = key_fn(f.name)
+            key = _claim(owners, key_fn(f.name), f.name)
             if saved is not None:
                 saved.require_model(key, f.numel)
             tensors[model_key(key)] = (f.master, f.offset, f.numel)
@@ -304,7 +327,8 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_zero_state_dict(engine: Any, state_dict: dict[str, Any], key_fn: Optional[KeyFn] = None) -> None:
+def load_zero_state_dict(engine: Any, state_dict: dict[str, Any], key_fn: Optional[KeyFn] = None, *,
+                         group: Any = None) -> None:
     """Write loaded fragments into the fp32 masters and optimizer states, then refresh model weights.
 
     ``key_fn`` defaults to the one given to ``zero_load_template`` for this engine. Keys other
@@ -312,7 +336,17 @@ def load_zero_state_dict(engine: Any, state_dict: dict[str, Any], key_fn: Option
     they are; an absent model key is an error. Collective (model weights are re-gathered).
     """
     key_fn = key_fn or _key_fns.get(engine, _identity)
-    steps: dict[tuple[int, str], tuple[dict, str, list[float]]] = {}
+    error: Optional[BaseException] = None
+    try:
+        _write_fragments(engine, state_dict, key_fn)
+    except Exception as e:  # noqa: BLE001 - raised on every rank below
+        error = e
+    _raise_if_any(_all_gather(_error_text(error), group), error)
+    sync_model_weights(engine)
+
+
+def _write_fragments(engine: Any, state_dict: dict[str, Any], key_fn: KeyFn) -> None:
+    steps: dict[tuple[int, str], tuple[dict, str, list[float]]] = {}  # (flat group, state) -> loaded values
     for f in local_fragments(engine):
         key = key_fn(f.name)
         mk = model_key(key)
@@ -337,7 +371,6 @@ def load_zero_state_dict(engine: Any, state_dict: dict[str, Any], key_fn: Option
             warn_once(f"optimizer scalar '{state}' differs between params of one flat group {sorted(set(values))}; "
                       "using the largest")
         _set_scalar(owner, state, max(values))
-    sync_model_weights(engine)
 
 
 def _set_scalar(owner: dict, state: str, value: float) -> None:

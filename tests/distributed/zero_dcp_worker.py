@@ -63,6 +63,10 @@ def ds_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if args.offload == "all":
         zero["offload_param"] = {"device": "cpu"}
+    if args.stage == 3:
+        # Params up to 20 elements (biases, gain) stay gathered ("persistent"); the matrices live
+        # only as ds_tensor partitions. Both paths must get the loaded weights.
+        zero["stage3_param_persistence_threshold"] = 20
     if args.stage == 3 and args.optimizer == "muon":
         zero["reduce_scatter"] = False  # DeepSpeed refuses Muon with ZeRO-3 reduce-scatter
     return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
@@ -167,7 +171,7 @@ def _muon_momentum_full(engine: Any, p: torch.Tensor) -> torch.Tensor:
     out = mine.clone() if (mine is not None and me == first.item()) else torch.zeros(p.numel())
     dist.all_reduce(out, group=group)
     if mine is not None:
-        assert torch.equal(mine, out), f"ranks hold different Muon momentum for one param"
+        assert torch.equal(mine, out), f"ranks hold different Muon momentum for {p.shape}"
     return out
 
 
@@ -245,8 +249,29 @@ def check_files_hold(ckpt: str, values: dict[str, Any], scratch: str) -> None:
             assert float(on_disk[k]) == v, f"{k}: saved {float(on_disk[k])}, engine {v}"
 
 
+def expect_error(fn: Any, *fragments: str) -> None:
+    """``fn`` raises CheckpointError on this rank (on every rank: none may hang) naming ``fragments``."""
+    from moe_dist.checkpoint.errors import CheckpointError
+
+    try:
+        fn()
+    except CheckpointError as e:
+        for text in fragments:
+            assert text in str(e), f"error does not mention {text!r}: {e}"
+    else:
+        raise AssertionError(f"expected a CheckpointError mentioning {fragments}")
+
+
 def do_save(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     losses = [train_step(engine, s) for s in range(args.steps)]
+    if args.check_errors:
+        import re
+
+        from moe_dist.checkpoint.zero_state import zero_state_dict
+
+        # Under EP, a key_fn that drops the global expert index makes two ranks claim one key.
+        expect_error(lambda: zero_state_dict(engine, lambda n: re.sub(r"experts\.\d+", "experts.X", n)),
+                     "model.experts.X.weight", "overlaps", "globally unique")
     return {"losses": losses, **save_with_reference(engine, args.ckpt, args.ref, args.steps)}
 
 
@@ -256,6 +281,10 @@ def do_load(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     from moe_dist.checkpoint.zero_fragments import has_optimizer_states
     from moe_dist.checkpoint.zero_state import load_zero_state_dict, zero_load_template
 
+    if args.check_errors:
+        # A model key the checkpoint lacks is named with the path, on every rank.
+        expect_error(lambda: zero_load_template(engine, lambda n: "renamed." + n, checkpoint_path=args.ckpt),
+                     "'model.renamed.", args.ckpt)
     t0 = time.perf_counter()
     template = zero_load_template(engine, checkpoint_path=args.ckpt)
     dcp.load(template, checkpoint_id=args.ckpt)
@@ -331,6 +360,7 @@ def main() -> None:
     ap.add_argument("--expect-no-optim", action="store_true")
     ap.add_argument("--then-save", default="", help="load mode: afterwards save again here (a resumed run's save)")
     ap.add_argument("--then-ref", default="")
+    ap.add_argument("--check-errors", action="store_true", help="first check that misuse raises on every rank")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     t0 = time.perf_counter()

@@ -1,0 +1,273 @@
+"""Load a moe_dist checkpoint, in any of its forms, into a model; sample text from it.
+
+::
+
+    from moe_dist import load_model_for_inference
+    model, cfg, step = load_model_for_inference("runs/x/checkpoints/checkpoint_latest")
+
+    moe-generate runs/x/checkpoints/checkpoint_latest --prompt "Once upon a time" --max-new-tokens 64
+
+Accepted paths:
+
+* a DCP training checkpoint: ``checkpoint_step_<N>``, ``checkpoint_latest`` or a run folder (its
+  newest complete checkpoint). The manifest is verified, then the ``model.*`` tensors are read by
+  DCP straight into the model's parameters (no full copy of the model in memory);
+* a consolidated ``.pt`` (``moe-consolidate``), read with ``torch.load(weights_only=True, mmap=True)``:
+  a file that holds anything but tensors and plain containers is refused, never unpickled;
+* a safetensors export: a ``.safetensors`` file, a ``model.safetensors.index.json``, or their folder
+  (with ``moe_dist_config.json`` beside them for the config, step and tokenizer).
+
+Generation re-runs the whole context for every new token (the model has no KV cache): fine for
+checking a checkpoint, not a serving path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import layout
+from .checkpoint.errors import CheckpointError
+from .config import RunConfig
+from .consolidate import (MODEL_PREFIX, MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint, run_config,
+                          safetensors_files)
+
+
+@dataclass
+class CheckpointInfo:
+    kind: str                 # "dcp", "pt" or "safetensors"
+    path: Path                # the resolved checkpoint folder or file
+    step: int
+    config: dict[str, Any]    # RunConfig.to_dict() of the run that wrote it
+    metrics: dict[str, Any]
+    tokenizer: dict[str, Any]  # tokenizer spec (may be empty: then config.data.tokenizer)
+    source: Any = None        # Checkpoint (dcp), the loaded dict (pt) or the weight files (safetensors)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
+
+
+def _read_pt(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors and plain containers, "
+                              "which could run code when loaded (torch.load(weights_only=True) stopped at: "
+                              f"{_first_line(e)}); only load it with weights_only=False if you trust its origin, "
+                              "or re-export it with moe-consolidate") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable .pt file ({e.__class__.__name__}: {_first_line(e)})") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict)
+            and isinstance(obj.get("config"), dict)):
+        raise CheckpointError(f"{path}: not a moe-consolidate .pt (expected a dict with 'model_state_dict' and "
+                              "'config'); consolidate the DCP checkpoint with moe-consolidate")
+    return obj
+
+
+def _safetensors_info(path: Path) -> CheckpointInfo:
+    folder = path.parent if path.is_file() else path
+    if path.is_file() and path.suffix == ".safetensors":
+        files = [path]
+    elif path.is_file():  # an index json
+        files = safetensors_files(folder) if path.name == SAFETENSORS_INDEX else []
+    else:
+        files = safetensors_files(folder)
+    cfg_path = folder / MOE_CONFIG
+    try:
+        info = json.loads(cfg_path.read_text())
+        config = info["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: needed beside the safetensors weights for the model config "
+                              f"({e.__class__.__name__}: {_first_line(e)}); export with moe-consolidate") from None
+    return CheckpointInfo("safetensors", folder, int(info.get("step") or 0), config, info.get("metrics") or {},
+                          info.get("tokenizer") or {}, files)
+
+
+def checkpoint_info(path: str | Path, verify: bool = True) -> CheckpointInfo:
+    """Identify what ``path`` is and read its step, config, metrics and tokenizer spec (no weights yet).
+    ``verify`` checks a DCP checkpoint's manifest (sizes and SHA-256)."""
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if p.is_file():
+        if p.suffix == ".safetensors" or p.name.endswith(".index.json"):
+            return _safetensors_info(p)
+        if not zipfile.is_zipfile(p) and p.suffix not in (".pt", ".pth"):
+            raise CheckpointError(f"{path}: not a checkpoint (expected a DCP folder, a .pt or a safetensors export)")
+        obj = _read_pt(p)
+        return CheckpointInfo("pt", p, int(obj.get("step") or 0), obj["config"], obj.get("metrics") or {},
+                              obj.get("tokenizer") or {}, obj)
+    exported = (p / SAFETENSORS_SINGLE).is_file() or (p / SAFETENSORS_INDEX).is_file()
+    if exported and not (p / layout.DCP_METADATA).exists():
+        return _safetensors_info(p)
+    ckpt = Checkpoint(p, verify=verify)
+    state = ckpt.state
+    return CheckpointInfo("dcp", ckpt.folder, ckpt.step, state["config"], state.get("metrics") or {},
+                          state.get("tokenizer") or {}, ckpt)
+
+
+def _stored_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict entries that own their storage (a tied head is left to its embedding)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str, tuple[int, ...]],
+                 flat: bool = False) -> None:
+    """Raise one CheckpointError naming what differs between the model and the checkpoint."""
+    missing = [k for k in entries if k not in found]
+    extra = [k for k in found if k not in entries]
+    wrong = [f"{k} {list(found[k])} vs model {list(t.shape)}" for k, t in entries.items() if k in found
+             and (found[k] != (t.numel(),) if flat else tuple(found[k]) != tuple(t.shape))]
+    problems = [f"{what}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", extra), ("shape", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{where}: the model does not match the checkpoint ({'; '.join(problems)}); "
+                              "build it from the checkpoint's config (load_model_for_inference)")
+
+
+@torch.no_grad()
+def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
+    entries = _stored_entries(model)
+    if info.kind == "dcp":
+        ckpt: Checkpoint = info.source
+        found = {k[len(MODEL_PREFIX):]: tuple(md.size) for k, md in ckpt.metadata.items() if k.startswith(MODEL_PREFIX)}
+        _check_match(info.path, entries, found, flat=True)
+        ckpt.load({MODEL_PREFIX + k: t.detach().view(-1) for k, t in entries.items()})  # DCP writes into the params
+    elif info.kind == "pt":
+        sd = info.source["model_state_dict"]  # every state_dict key, the tied head too
+        _check_match(info.path, model.state_dict(keep_vars=True), {k: tuple(t.shape) for k, t in sd.items()})
+        for k, t in entries.items():
+            t.detach().copy_(sd[k])
+    else:
+        from safetensors import safe_open
+
+        where: dict[str, Path] = {}
+        found = {}
+        for path in info.source:
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    where[k], found[k] = path, tuple(f.get_slice(k).get_shape())
+        _check_match(info.path, entries, found)
+        for path in info.source:
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    entries[k].detach().copy_(f.get_tensor(k))
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, device: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Load the weights at ``path`` (DCP folder, ``checkpoint_latest``, ``.pt`` or safetensors) into
+    ``model``, moved to ``device`` first. Returns ``(step, config dict, metrics dict)``."""
+    info = checkpoint_info(path, verify=verify)
+    _load_weights(info, model.to(device))
+    return info.step, info.config, info.metrics
+
+
+def _build(info: CheckpointInfo, device: str | torch.device) -> tuple[nn.Module, RunConfig]:
+    from .model import MoETransformer
+
+    cfg = run_config(info.config, info.path)
+    with torch.device(device):
+        model = MoETransformer(cfg.model)
+    _load_weights(info, model)
+    return model.eval(), cfg
+
+
+def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig, int]:
+    """Build ``MoETransformer`` from the checkpoint's stored config, load its weights, eval mode.
+    Returns ``(model, RunConfig, step)``."""
+    info = checkpoint_info(path)
+    model, cfg = _build(info, device)
+    return model, cfg, info.step
+
+
+# ============================================================================ generation
+@torch.no_grad()
+def generate(model: nn.Module, prompt: list[int], max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: Optional[int] = 50, generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+             vocab_limit: Optional[int] = None) -> list[int]:
+    """Sample up to ``max_new_tokens`` ids after ``prompt`` (stops at ``eos_id``). ``temperature`` 0 is
+    greedy; ``vocab_limit`` masks ids the tokenizer cannot decode. Sampling draws on the CPU from
+    ``generator``, so a seed gives the same text on any device."""
+    device = next(model.parameters()).device
+    max_len = model.cfg.max_seq_len
+    x_BT = torch.tensor([prompt], dtype=torch.long, device=device)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits_BTV, _ = model(x_BT[:, -max_len:], return_aux_loss=False)
+        logits_V = logits_BTV[0, -1].float().cpu()
+        if vocab_limit is not None:
+            logits_V[vocab_limit:] = float("-inf")
+        if temperature <= 0:
+            nxt = int(logits_V.argmax())
+        else:
+            logits_V = logits_V / temperature
+            if top_k:
+                kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
+                logits_V[logits_V < kth] = float("-inf")
+            nxt = int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=generator))
+        if nxt == eos_id:
+            break
+        out.append(nxt)
+        x_BT = torch.cat([x_BT, torch.tensor([[nxt]], device=device)], dim=1)
+    return out
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-generate", description="Sample text from a moe_dist checkpoint (DCP folder, "
+                                "checkpoint_latest, consolidated .pt or safetensors export) with its own tokenizer.")
+    p.add_argument("checkpoint", help="checkpoint folder, checkpoint_latest, run folder, .pt or safetensors export")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start after a document separator)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    return p
+
+
+def generate_main(argv: Optional[list[str]] = None) -> int:
+    from rich.console import Console
+
+    from .data.errors import DataError
+    from .data.tokenizer import load_tokenizer, tokenizer_from_spec
+
+    a = build_generate_parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        info = checkpoint_info(a.checkpoint)
+        model, cfg = _build(info, a.device)
+        tok = tokenizer_from_spec(info.tokenizer) if info.tokenizer.get("type") else load_tokenizer(cfg.data.tokenizer)
+    except (CheckpointError, DataError) as e:
+        err.print(f"[red]error:[/] {e}")
+        return 2
+    if tok.vocab_size > cfg.model.vocab_size:
+        err.print(f"[red]error:[/] tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")
+        return 2
+    prompt = tok.encode(a.prompt) or [tok.eos_id]
+    gen = torch.Generator().manual_seed(a.seed)
+    ids = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k or None, gen, tok.eos_id, tok.vocab_size)
+    err.print(f"[dim]{info.kind} checkpoint, step {info.step}, {len(ids)} new tokens[/]")
+    sys.stdout.write(a.prompt + tok.decode(ids) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main())
