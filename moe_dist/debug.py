@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-import torch
 
 
 def grad_dump_probe_from_env(rank: int) -> Optional[Callable[[Any, int], None]]:

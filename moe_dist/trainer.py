@@ -8,6 +8,7 @@ the DeepSpeed engine, sets the LR, and reports reduced metrics.
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -107,6 +108,7 @@ class Trainer:
                   "lr_adamw": lrs["adamw"], "tokens": self.state.tokens,
                   "tokens_per_s": indices.numel() * self.cfg.train.seq_len / max(elapsed, 1e-9),
                   "step_time_s": elapsed,
+                  "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank, Linux KiB
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
         return record

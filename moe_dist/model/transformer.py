@@ -105,12 +105,12 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gradient_checkpointing = False
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+            self.lm_head.weight = self.embed.weight
         # Derived from the config, so kept out of state_dict (persistent=False).
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -146,7 +146,7 @@ class MoETransformer(nn.Module):
     def forward(self, tokens_BT: torch.Tensor,
                 return_aux_loss: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         cos_Th, sin_Th = self._rope(tokens_BT.shape[1])
-        x_BTD = self.tok_emb(tokens_BT)
+        x_BTD = self.embed(tokens_BT)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
         for block in self.layers:

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from .trainrun import by_step, losses, metrics, train
+from .trainrun import by_step, metrics, train
 
 pytestmark = pytest.mark.distributed
 
