@@ -52,7 +52,7 @@ NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their channel buf
 GPU_FRAGMENTATION = 0.05              # caching-allocator fragmentation, as a share of the tensor peak
 HOST_PROCESS_BYTES = {                # resident set of one idle training process
     "cuda": int(2.0 * GiB),           # Python, torch + CUDA libraries, DeepSpeed, Accelerate, data loading
-    "cpu": int(0.35 * GiB),           # measured: torch + DeepSpeed + Accelerate + datasets imports, CPU build
+    "cpu": int(0.5 * GiB),            # measured: imports 0.45 GiB (torch, DeepSpeed, Accelerate, transformers) + Muon kernel compile
 }
 DROPLESS_IMBALANCE = 1.25             # tokens a rank's experts may receive over the fair share under EP
 # DeepSpeed's values when the launch JSON leaves a field out (deepspeed/runtime/zero/config.py).

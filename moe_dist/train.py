@@ -128,7 +128,13 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    # DeepSpeed's ZeRO-3 (with or without offload) can abort in C++ static destructors at interpreter
+    # exit ("terminate called without an active exception") even after the process group is destroyed,
+    # turning a finished run into a crash. Everything is saved and flushed by now: leave directly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,14 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     ds["fp16"] = {"enabled": False}
 
     t = cfg.train
+    if t.optimizer == "muon" and stage == 3 and "reduce_scatter" not in zero:
+        # DeepSpeed's Muon needs each full gradient on one rank under ZeRO-3, which its reduce-scatter
+        # path does not provide; with reduce_scatter off it works (tested in test_zero_dcp/test_resume).
+        zero["reduce_scatter"] = False
     if t.optimizer == "muon" and not muon_supported(stage, ds):
-        warn_once("DeepSpeed's Muon does not run under ZeRO-3 with reduce_scatter; training ALL parameters "
-                  "with AdamW (lr = train.adamw_lr) instead. Set zero_optimization.reduce_scatter=false or use "
-                  "ZeRO-1/2 to keep Muon.")
+        warn_once("DeepSpeed's Muon does not run under ZeRO-3 with reduce_scatter (your DeepSpeed JSON sets it "
+                  "true); training ALL parameters with AdamW (lr = train.adamw_lr) instead. Remove "
+                  "zero_optimization.reduce_scatter or use ZeRO-1/2 to keep Muon.")
         optimizer = "adamw"
     else:
         optimizer = t.optimizer

@@ -289,15 +289,15 @@ def test_generate_cli_and_lazy_exports(ckpt, capsys):
 
 
 # ru_maxrss is a high-water mark that Linux carries across exec: a subprocess spawned by this big
-# pytest process starts with pytest's peak. A fork from the small measuring process starts clean
-# (its high-water mark is the RSS at the fork), so the baseline is taken there, after the imports.
+# pytest process starts with pytest's peak. A child forked by the still-small measuring process
+# starts clean, so it does the imports, takes the baseline, then the work.
 _MEASURE = textwrap.dedent("""
     import os, resource, sys, time
-    import torch, safetensors.torch, rich.progress
-    import moe_dist.consolidate, moe_dist.model
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     read_end, write_end = os.pipe()
     if os.fork() == 0:
+        import torch, safetensors.torch, rich.progress
+        import moe_dist.consolidate, moe_dist.model
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         if sys.argv[1] == "ours":
@@ -312,6 +312,7 @@ _MEASURE = textwrap.dedent("""
     assert status == 0, status
     print(os.read(read_end, 100).decode())
 """)
+
 
 
 
