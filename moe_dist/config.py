@@ -253,7 +253,7 @@ def _preset_18b() -> RunConfig:
 
 def _preset_small() -> RunConfig:
     # ~100M parameters: for checkpoint / consolidation benchmarks on CPU.
-    m = ModelConfig(vocab_size=320, d_model=512, n_layers=6, n_heads=8, d_ff=1024, num_experts=8, top_k=2,
+    m = ModelConfig(vocab_size=320, d_model=512, n_layers=6, n_heads=8, d_ff=1280, num_experts=8, top_k=2,
                     max_seq_len=256)
     t = TrainConfig(seq_len=256)
     return RunConfig(model=m, train=t, preset="100m")

@@ -1,0 +1,105 @@
+"""Background checkpoint writes: stage a copy, let DCP write it from a thread, publish when done.
+
+Why our own staging: ``dcp.async_save``'s default stager copies tensors by ``data_ptr`` and fails
+on the ShardedTensors that hold ZeRO fragments (torch 2.13: "data_ptr ... not supported"). We copy
+every local shard ourselves (training may change the live fragments the moment we return), rebuild
+the ShardedTensors around the copies with the same global metadata, and hand DCP a stager that
+returns them unchanged.
+
+At most one save is in flight: starting another waits for the previous one first. DCP's own
+collectives run on the checkpoint group from the writer thread, so the "is it done?" vote each
+step travels on a separate control group: two threads must never share one gloo group.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+
+def staged_copy(state_dict: dict[str, Any], group: Any) -> dict[str, Any]:
+    """A deep copy of a DCP state dict whose tensors no longer alias training state."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, ShardedTensor):
+            shards = [Shard(s.tensor.detach().clone(), s.metadata) for s in value.local_shards()]
+            out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                shards, value.metadata(), process_group=group)
+        elif torch.is_tensor(value):
+            out[key] = value.detach().clone()
+        else:
+            out[key] = value
+    return out
+
+
+class _AlreadyStaged:
+    """AsyncStager protocol: the state dict handed over is already a private copy."""
+
+    _synchronize_after_execute = False
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PendingSave:
+    future: Any
+    step: int
+    on_complete: Callable[[], None]
+
+
+class AsyncCheckpointWriter:
+    def __init__(self, group: Any, control_group: Any) -> None:
+        self.group, self.control_group = group, control_group
+        self.pending: Optional[PendingSave] = None
+
+    def start(self, state_dict: dict[str, Any], storage_writer: Any, step: int,
+              on_complete: Callable[[], None]) -> None:
+        """Copy the state (the only blocking part), then write it in the background."""
+        self.wait()
+        staged = staged_copy(state_dict, self.group)
+        fut = dcp.async_save(staged, storage_writer=storage_writer, process_group=self.group,
+                             async_stager=_AlreadyStaged())
+        fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in newer torch, Future before
+        self.pending = PendingSave(fut, step, on_complete)
+
+    def _all_done(self) -> bool:
+        done = torch.tensor([1 if self.pending is not None and self.pending.future.done() else 0])
+        if dist.is_initialized() and self.control_group is not None:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.control_group)
+        return bool(done.item())
+
+    def poll(self) -> bool:
+        """If every rank's write has finished, publish it (collective: all ranks call). True if published."""
+        if self.pending is None or not self._all_done():
+            return False
+        self._finish()
+        return True
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is written and published."""
+        if self.pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        result = pending.future.result()  # re-raises a write error (disk full...) on this rank
+        del result
+        pending.on_complete()
