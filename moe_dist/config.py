@@ -227,7 +227,8 @@ def _preset_4090() -> RunConfig:
                     expert_type="silu_mlp", max_seq_len=1024)
     t = TrainConfig(global_batch_size=32, micro_batch_size=2, seq_len=1024, warmup_steps=500, max_steps=50000,
                     muon_lr=0.02, adamw_lr=3e-4, eval_every=500, eval_batches=20)
-    p = ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True, activation_checkpointing=True)
+    # ZeRO stage and offload come from the launch config (launch_configs/4090_offload.json).
+    p = ParallelConfig(activation_checkpointing=True)
     return RunConfig(model=m, train=t, parallel=p, preset="4090")
 
 
@@ -237,7 +238,7 @@ def _preset_b200() -> RunConfig:
                     expert_type="silu_mlp", max_seq_len=2048)
     t = TrainConfig(global_batch_size=128, micro_batch_size=2, seq_len=2048, warmup_steps=1000, max_steps=100000,
                     muon_lr=0.01, adamw_lr=3e-4, weight_decay=0.1, grad_clip=1.0, eval_every=1000, eval_batches=20)
-    p = ParallelConfig(zero_stage=2, ep_size=8)
+    p = ParallelConfig(ep_size=8)  # ZeRO-2 + bf16 from launch_configs/b200_multinode.json
     return RunConfig(model=m, train=t, parallel=p, preset="b200")
 
 
@@ -247,7 +248,7 @@ def _preset_18b() -> RunConfig:
                     expert_type="swiglu", max_seq_len=4096)
     t = TrainConfig(global_batch_size=256, micro_batch_size=1, seq_len=4096, warmup_steps=2000, max_steps=100000,
                     muon_lr=0.01, adamw_lr=2e-4, eval_every=1000, eval_batches=20)
-    p = ParallelConfig(zero_stage=2, ep_size=8, activation_checkpointing=True)
+    p = ParallelConfig(ep_size=8, activation_checkpointing=True)
     return RunConfig(model=m, train=t, parallel=p, preset="18b")
 
 

@@ -149,8 +149,10 @@ def test_all_cold_prints_the_figures_compared(capsys):
 
 # --------------------------------------------------------------------------- planner behaviour
 def test_offload_moves_master_and_states_to_cpu():
-    on = plan(run_cfg("4090", 1), Hardware(24 * GiB, 64 * GiB))
-    off = plan(run_cfg("4090", 1, parallel__offload_optimizer=False, parallel__offload_params=False),
+    on = plan(run_cfg("4090", 1, parallel__zero_stage=3, parallel__offload_optimizer=True,
+                      parallel__offload_params=True), Hardware(24 * GiB, 64 * GiB))
+    off = plan(run_cfg("4090", 1, parallel__zero_stage=3, parallel__offload_optimizer=False,
+                       parallel__offload_params=False),
                Hardware(24 * GiB, 64 * GiB))
     P = on.params.total
     assert on.gpu.get("master weights") == 0 and on.cpu.get("master weights") == int(4 * P * 1.5)
