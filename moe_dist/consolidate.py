@@ -26,10 +26,10 @@ Outputs (``<ckpts>`` is the folder holding the checkpoint, i.e. ``CHECKPOINT/..`
   "config", "metrics", "tokenizer"}``, keys of ``model_state_dict`` exactly ``model.state_dict()``'s;
   ``torch.load(path, weights_only=True)`` reads it.
 * ``--format safetensors`` (default folder ``<ckpts>/consolidated_step_<N>/``): ``model.safetensors``,
-  or above ``--max-shard-size`` (default 5GB) ``model-0000i-of-0000n.safetensors`` plus
+  or above ``--max-shard-size`` (default 2GB) ``model-0000i-of-0000n.safetensors`` plus
   ``model.safetensors.index.json``; ``config.json`` (Hugging Face fields, ``model_type: moe_dist``) and
   ``moe_dist_config.json`` (step, run config, metrics, tokenizer). The tied head is not stored twice
-  (``tie_word_embeddings``). Memory is bounded by one shard.
+  (``tie_word_embeddings``). Memory: about two shards (one and its serialized bytes) plus the read buffer.
 
 Exit codes: 0 done, 1 ``--verify`` found a difference, 2 a user error (one line, no traceback).
 """
@@ -70,7 +70,7 @@ from .logging_utils import get_logger
 MODEL_PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_READ_BUDGET = 32 << 20
-DEFAULT_MAX_SHARD = "5GB"
+DEFAULT_MAX_SHARD = "2GB"
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 MOE_CONFIG = "moe_dist_config.json"
 Advance = Callable[[int], None]  # called with the bytes just read
@@ -86,7 +86,7 @@ class _SafeUnpickler(pickle.Unpickler):
     dtypes/layouts/sizes and paths may be named (a crafted file cannot call anything else)."""
 
     _TORCH = {"Size", "_get_layout"}
-    _OTHER = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    _OTHER = {*((m, c) for m in ("pathlib", "pathlib._local") for c in ("PosixPath", "WindowsPath", "PurePosixPath")),
               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -241,7 +241,8 @@ class Checkpoint:
         return self.metadata[spec.source].properties.dtype
 
     def load(self, dests: dict[str, torch.Tensor]) -> None:
-        """One ``dcp.load`` of DCP keys into 1-D destinations (any device / dtype, e.g. parameter views)."""
+        """One ``dcp.load`` of DCP keys into destinations of their stored shape (any device or dtype:
+        e.g. views of a model's parameters); DCP reads just the chunks and byte ranges they need."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(dests, storage_reader=self.reader, no_dist=True)
@@ -265,7 +266,8 @@ class Checkpoint:
             size += -(-nbytes // 64) * 64  # keep every view 64-byte aligned
         buf_U8 = torch.empty(max((o + n for b in batches for _, o, n in b), default=0), dtype=torch.uint8)
         for batch in batches:
-            dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)) for s, o, n in batch}
+            dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)).view(self.metadata[s.source].size)
+                     for s, o, n in batch}  # shaped as stored (flat [numel] from the trainer)
             self.load(dests)
             for s, _, n in batch:
                 if progress:
@@ -353,7 +355,7 @@ def _write_pt(ckpt: Checkpoint, out: Path, dtype: torch.dtype, budget: int, prog
     with mode:
         for s in lay.specs:
             if s.alias_of is None:
-                owners[s.name] = torch.empty(s.shape, dtype=dtype)
+                owners[s.name] = torch.empty(s.shape, dtype=dtype, device="cpu")
             sd[s.name] = owners[s.alias_of or s.name].detach()  # distinct tensors, shared storage
     obj = {"step": ckpt.step, "model_state_dict": sd, "config": state["config"],
            "metrics": state.get("metrics") or {}, "tokenizer": state.get("tokenizer") or {}}
@@ -470,14 +472,17 @@ def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shar
     return total
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a safetensors export folder (single file or index)."""
-    index = folder / SAFETENSORS_INDEX
+def safetensors_files(folder: Path, index: Optional[Path] = None) -> list[Path]:
+    """The weight files of a safetensors export: those its index names, or the single file."""
+    index = index or folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e.__class__.__name__}: {e})") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names weight files that are missing: {', '.join(missing[:3])}")
         return [folder / n for n in names]
     if (folder / SAFETENSORS_SINGLE).is_file():
         return [folder / SAFETENSORS_SINGLE]
@@ -506,22 +511,21 @@ def verify_output(ckpt: Checkpoint, out: Path, fmt: str, dtype: torch.dtype, bud
 
         handles = {}
         for path in safetensors_files(out):
-            handles.update({k: path for k in safe_open(str(path), "pt").keys()})
+            with safe_open(str(path), "pt") as f:
+                handles.update({k: path for k in f.keys()})
         if set(handles) != {s.name for s in ckpt.layout.stored}:
             raise ConsolidateError(f"verify: {out} holds other tensors than the checkpoint's model")
 
         def get(name: str) -> torch.Tensor:
             with safe_open(str(handles[name]), "pt") as f:
                 return f.get_tensor(name)
-    done = {}
     for s, t in ckpt.iter_tensors(ckpt.layout.stored, budget, progress):
         if not _same_bits(get(s.name), t.to(dtype)):
             raise ConsolidateError(f"verify: {s.name} in {out} differs from {s.source} in {ckpt.folder}")
-        done[s.name] = True
     for s in specs:
         if s.alias_of and fmt == "pt" and not _same_bits(get(s.name), get(s.alias_of)):
             raise ConsolidateError(f"verify: tied {s.name} differs from {s.alias_of} in {out}")
-    return len(done)
+    return len(ckpt.layout.stored)
 
 
 # ============================================================================ driver
@@ -635,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
@@ -652,17 +657,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             res = consolidate(a.checkpoint, a.out, dtype=a.dtype, fmt=a.fmt, max_shard_size=a.max_shard_size,
                               verify=a.verify, verify_manifest=not a.no_verify_manifest, force=a.force,
                               read_budget=a.read_budget, progress=progress)
-    except ConsolidateError as e:
-        err.print(f"[red]error:[/] {e}")
+    except (ConsolidateError, CheckpointError) as e:
+        err.print(f"[red]error:[/] {escape(str(e))}")
         return 1 if str(e).startswith("verify:") else 2
-    except CheckpointError as e:
-        err.print(f"[red]error:[/] {e}")
-        return 2
     rate = res.bytes_read / max(res.seconds, 1e-9) / 1e6
-    err.print(f"wrote {res.out} (step {res.step}, {res.tensors} tensors, {res.bytes_written / 1e6:,.1f} MB {a.dtype}) "
-              f"in {res.seconds:.2f}s, {rate:,.0f} MB/s read")
+    err.print(f"wrote {escape(str(res.out))} (step {res.step}, {res.tensors} tensors, "
+              f"{res.bytes_written / 1e6:,.1f} MB {a.dtype}) in {res.seconds:.2f}s, {rate:,.0f} MB/s read")
     if res.verified is not None:
-        err.print(f"verified {res.verified} tensors against {a.checkpoint}: identical")
+        err.print(f"verified {res.verified} tensors against {escape(a.checkpoint)}: identical")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 import sys
 import zipfile
@@ -77,12 +78,7 @@ def _read_pt(path: Path) -> dict[str, Any]:
 
 def _safetensors_info(path: Path) -> CheckpointInfo:
     folder = path.parent if path.is_file() else path
-    if path.is_file() and path.suffix == ".safetensors":
-        files = [path]
-    elif path.is_file():  # an index json
-        files = safetensors_files(folder) if path.name == SAFETENSORS_INDEX else []
-    else:
-        files = safetensors_files(folder)
+    files = [path] if path.suffix == ".safetensors" else safetensors_files(folder, path if path.is_file() else None)
     cfg_path = folder / MOE_CONFIG
     try:
         info = json.loads(cfg_path.read_text())
@@ -134,7 +130,7 @@ def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str,
     missing = [k for k in entries if k not in found]
     extra = [k for k in found if k not in entries]
     wrong = [f"{k} {list(found[k])} vs model {list(t.shape)}" for k, t in entries.items() if k in found
-             and (found[k] != (t.numel(),) if flat else tuple(found[k]) != tuple(t.shape))]
+             and (math.prod(found[k]) != t.numel() if flat else tuple(found[k]) != tuple(t.shape))]
     problems = [f"{what}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
                 for what, keys in (("missing", missing), ("unexpected", extra), ("shape", wrong)) if keys]
     if problems:
@@ -149,7 +145,8 @@ def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
         ckpt: Checkpoint = info.source
         found = {k[len(MODEL_PREFIX):]: tuple(md.size) for k, md in ckpt.metadata.items() if k.startswith(MODEL_PREFIX)}
         _check_match(info.path, entries, found, flat=True)
-        ckpt.load({MODEL_PREFIX + k: t.detach().view(-1) for k, t in entries.items()})  # DCP writes into the params
+        # DCP copies the chunks straight into views of the parameters: no second copy of the model.
+        ckpt.load({MODEL_PREFIX + k: t.detach().view(found[k]) for k, t in entries.items()})
     elif info.kind == "pt":
         sd = info.source["model_state_dict"]  # every state_dict key, the tied head too
         _check_match(info.path, model.state_dict(keep_vars=True), {k: tuple(t.shape) for k, t in sd.items()})
@@ -158,12 +155,13 @@ def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     else:
         from safetensors import safe_open
 
-        where: dict[str, Path] = {}
         found = {}
         for path in info.source:
-            with safe_open(str(path), "pt") as f:
-                for k in f.keys():
-                    where[k], found[k] = path, tuple(f.get_slice(k).get_shape())
+            try:
+                with safe_open(str(path), "pt") as f:
+                    found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as e:  # noqa: BLE001 - SafetensorError and friends become one line
+                raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
         _check_match(info.path, entries, found)
         for path in info.source:
             with safe_open(str(path), "pt") as f:
@@ -190,10 +188,11 @@ def _build(info: CheckpointInfo, device: str | torch.device) -> tuple[nn.Module,
     return model.eval(), cfg
 
 
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig, int]:
-    """Build ``MoETransformer`` from the checkpoint's stored config, load its weights, eval mode.
-    Returns ``(model, RunConfig, step)``."""
-    info = checkpoint_info(path)
+def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                             verify: bool = True) -> tuple[nn.Module, RunConfig, int]:
+    """Build ``MoETransformer`` from the checkpoint's stored config on ``device``, load its weights,
+    eval mode. Returns ``(model, RunConfig, step)``."""
+    info = checkpoint_info(path, verify=verify)
     model, cfg = _build(info, device)
     return model, cfg, info.step
 
@@ -245,6 +244,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from .data.errors import DataError
     from .data.tokenizer import load_tokenizer, tokenizer_from_spec
@@ -256,7 +256,7 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         model, cfg = _build(info, a.device)
         tok = tokenizer_from_spec(info.tokenizer) if info.tokenizer.get("type") else load_tokenizer(cfg.data.tokenizer)
     except (CheckpointError, DataError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     if tok.vocab_size > cfg.model.vocab_size:
         err.print(f"[red]error:[/] tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")

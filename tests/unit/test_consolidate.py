@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.config import ModelConfig, RunConfig, TrainConfig
-from moe_dist.consolidate import CheckpointReader, build_parser, consolidate, main
+from moe_dist.consolidate import Checkpoint, CheckpointReader, ConsolidateError, build_parser, main, verify_output
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
 from moe_dist.model import MoETransformer
 
@@ -40,10 +42,12 @@ def make_checkpoint(root: Path, model_kw: dict, step: int = 7, seed: int = 0, ch
     sd.update({"optim.exp_avg." + k[6:]: torch.randn(v.numel()) for k, v in flat.items()})
     sd["optim_scalar.step.x"] = torch.tensor(3.0, dtype=torch.float64)
     sd["rng.rank0.torch"] = torch.get_rng_state()
-    if chunks > 1:
-        _save_chunked(sd, folder, chunks)
-    else:
-        dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        if chunks > 1:
+            _save_chunked(sd, folder, chunks)
+        else:
+            dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
     state = {"step": step, "tokens": step * 64, "config": cfg.to_dict(),
              "tokenizer": {"type": "byte", "vocab_size": 257, "eos_id": 256},
              "metrics": {"last": {"step": step, "loss": 2.5}, "history": [{"step": s, "loss": 3.0 - s / 10}
@@ -195,6 +199,7 @@ def test_bf16_and_fp16_outputs(ckpt, tmp_path, capsys):
         sd = torch.load(out, weights_only=True)["model_state_dict"]
         for k, v in model.state_dict().items():
             assert sd[k].dtype == torch_dtype and torch.equal(sd[k], v.to(torch_dtype)), k
+        assert zipfile.ZipFile(out).testzip() is None  # every patched CRC-32 is right
     assert out.stat().st_size < (tmp_path / "bf16.pt").stat().st_size * 1.01
     rc, err = _run([str(folder), "--format", "safetensors", "--dtype", "bf16", "--verify", "-o",
                     str(tmp_path / "st")], capsys)
@@ -202,6 +207,30 @@ def test_bf16_and_fp16_outputs(ckpt, tmp_path, capsys):
     m, _, _ = load_model_for_inference(tmp_path / "st")
     emb = _emb(model)
     assert torch.equal(m.get_parameter(emb), model.get_parameter(emb).to(torch.bfloat16).float())
+
+
+def test_pt_without_crc32(ckpt, tmp_path, capsys):
+    model, folder = ckpt
+    torch.serialization.set_crc32_options(False)
+    try:
+        assert _run([str(folder), "-o", str(tmp_path / "n.pt"), "--verify"], capsys)[0] == 0
+    finally:
+        torch.serialization.set_crc32_options(True)
+    sd = torch.load(tmp_path / "n.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_verify_catches_a_changed_weight(ckpt, tmp_path, capsys):
+    _, folder = ckpt
+    out = tmp_path / "v.pt"
+    assert _run([str(folder), "-o", str(out)], capsys)[0] == 0
+    with zipfile.ZipFile(out) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)  # the biggest storage: the embedding
+    raw = bytearray(out.read_bytes())
+    raw[info.header_offset + info.file_size // 2 + 100] ^= 0x01
+    out.write_bytes(bytes(raw))
+    with pytest.raises(ConsolidateError, match=r"verify: .* differs from model\."):
+        verify_output(Checkpoint(folder), out, "pt", torch.float32, 1 << 20)
 
 
 def test_chunked_checkpoint_is_assembled(tmp_path, capsys):
@@ -337,7 +366,8 @@ def test_peak_memory_stays_far_below_the_model(tmp_path):
     same = torch.load(tmp_path / "ours.pt", weights_only=True, mmap=True)["model_state_dict"][key]
     assert torch.equal(same, torch.load(tmp_path / "dcp_to_torch_save.pt", weights_only=True,
                                         mmap=True)["model." + key].view_as(same))
-    print(f"\nconsolidating {nbytes / 1e6:.0f} MB of fp32 params (checkpoint {_du(folder) / 1e6:.0f} MB with optimizer):")
+    print(f"\nconsolidating {nbytes / 1e6:.0f} MB of fp32 params "
+          f"({_du(folder) / 1e6:.0f} MB checkpoint with optimizer states):")
     for which, (peak, seconds) in results.items():
         print(f"  {which:18s} peak RSS +{peak / 1e6:6.1f} MB ({peak / nbytes:5.1%} of the params), "
               f"{seconds:5.2f}s, {nbytes / seconds / 1e6:6.0f} MB/s of params")
