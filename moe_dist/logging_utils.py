@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _LOGGER_NAME = "moe_dist"
 _warned: set[str] = set()
@@ -52,6 +53,10 @@ def quiet_third_party() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Deprecation notices from inside torch.distributed / DCP (ShardedTensor, all_gather_into_tensor)
+    # that DeepSpeed and DCP trigger, not our code; one per rank per call site otherwise.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor.*")
 
 
 def _has_cuda() -> bool:

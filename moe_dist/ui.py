@@ -13,7 +13,7 @@ class TrainUI:
     def __init__(self, enabled: bool, total_steps: int, start_step: int, log_every: int) -> None:
         self.enabled = enabled
         self.log_every = log_every
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
         self.progress: Optional[Progress] = None
         if enabled:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

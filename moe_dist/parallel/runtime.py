@@ -84,7 +84,8 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runt
     os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     # Not cpu=True: that makes Accelerate pick plain multi-CPU DDP and ignore the DeepSpeed plugin.
     os.environ.pop("ACCELERATE_USE_CPU", None)
-    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], mixed_precision=precision)
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], mixed_precision=precision,
+                              gradient_accumulation_steps=layout.grad_accum)
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world_size}; "
                            "the process group was not initialised as expected")
