@@ -34,3 +34,22 @@ def grad_dump_probe_from_env(rank: int) -> Optional[Callable[[Any, int], None]]:
         save_file(grads, os.path.join(out, f"grads_rank{rank}.safetensors"))
 
     return probe
+
+
+def dump_probe_logits_from_env(engine: Any, data: Any, rank: int) -> None:
+    """``MOE_DIST_DUMP_LOGITS=<file>``: after training, run the first validation block through the
+    engine in eval mode and save rank 0's logits (every rank runs the forward: ZeRO-3 gathers and
+    expert-parallel all-to-alls are collectives). The consolidation tests compare a consolidated
+    model's logits with these."""
+    out = os.environ.get("MOE_DIST_DUMP_LOGITS")
+    if not out:
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    tokens = data.val_blocks[:1, :-1]
+    engine.eval()
+    with torch.no_grad():
+        logits, _ = engine(tokens.to(engine.device), return_aux_loss=False)
+    if rank == 0:
+        save_file({"tokens": tokens.contiguous(), "logits": logits.float().cpu().contiguous()}, out)

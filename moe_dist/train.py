@@ -23,11 +23,31 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/
 from typing import Optional  # noqa: E402
 
 
-def _fail(msg: str, code: int = 2) -> int:
+def _fail(msg: str, code: int = 2, every_rank: bool = False) -> int:
+    """One line on stderr, from rank 0 (errors every rank sees alike) or ``every_rank`` (local ones)."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"error: {msg}", file=sys.stderr)
+    elif every_rank:
+        print(f"error (rank {rank}): {msg}", file=sys.stderr)
     return code
+
+
+def _check_output_dir(path: str) -> None:
+    """Create the run folder and prove it takes a file, before minutes go into building the model."""
+    from moe_dist.config import ConfigError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"checkpoint.output_dir {path}: is a file, not a folder; pass a folder to --output-dir")
+    probe = os.path.join(path, f".write_test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"checkpoint.output_dir {path}: cannot write there ({e.strerror}); "
+                          "pass a writable --output-dir") from None
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -57,6 +77,9 @@ def run(argv: Optional[list[str]] = None) -> int:
         return _train(cfg, args)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
+    except OSError as e:  # the machine, not the code: a full disk, a file removed under us
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}", every_rank=True)
     finally:
         shutdown()
 
@@ -66,10 +89,10 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
 
     import torch
 
-    from moe_dist.checkpoint.manager import CheckpointManager
+    from moe_dist.checkpoint.manager import CheckpointManager, preflight_resume
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
-    from moe_dist.debug import grad_dump_probe_from_env
+    from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env
     from moe_dist.metrics import MetricsLog
     from moe_dist.model import MoETransformer, count_parameters
     from moe_dist.parallel.expert_parallel import apply_expert_parallel, validate_ep
@@ -79,6 +102,8 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_ep(cfg, world)
+    _check_output_dir(cfg.checkpoint.output_dir)
+    preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise __import__("moe_dist.config", fromlist=["ConfigError"]).ConfigError(
@@ -121,6 +146,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
                     should_stop=lambda: ckpt.stop_requested(stop["flag"])
                     or (stop_at is not None and trainer.state.step >= stop_at))
         saved = ckpt.finish(interrupted=stop["flag"])
+        dump_probe_logits_from_env(engine, data, rt.rank)
         ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
                                      "EP size": cfg.parallel.ep_size,
                                      "checkpoint": saved or "-"})

@@ -61,7 +61,7 @@ class _AlreadyStaged:
 class PendingSave:
     future: Any
     step: int
-    on_complete: Callable[[], None]
+    on_complete: Callable[[Optional[str]], Any]
 
 
 class AsyncCheckpointWriter:
@@ -70,8 +70,12 @@ class AsyncCheckpointWriter:
         self.pending: Optional[PendingSave] = None
 
     def start(self, state_dict: dict[str, Any], storage_writer: Any, step: int,
-              on_complete: Callable[[], None]) -> None:
-        """Copy the state (the only blocking part), then write it in the background."""
+              on_complete: Callable[[Optional[str]], Any]) -> None:
+        """Copy the state (the only blocking part), then write it in the background.
+
+        ``on_complete(error_or_None)`` runs on every rank when the write is over (from ``poll``/``wait``,
+        in the training thread): it publishes the checkpoint or raises.
+        """
         self.wait()
         staged = staged_copy(state_dict, self.group)
         fut = dcp.async_save(staged, storage_writer=storage_writer, process_group=self.group,
@@ -100,6 +104,9 @@ class AsyncCheckpointWriter:
     def _finish(self) -> None:
         pending, self.pending = self.pending, None
         assert pending is not None
-        result = pending.future.result()  # re-raises a write error (disk full...) on this rank
-        del result
-        pending.on_complete()
+        try:
+            pending.future.result()
+            err = None
+        except Exception as e:  # noqa: BLE001 - a write error (disk full...) on this rank; every rank hears of it
+            err = f"{e.__class__.__name__}: {e}".splitlines()[0]
+        pending.on_complete(err)

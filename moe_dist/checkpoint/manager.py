@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -27,25 +28,35 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import architecture_diff
 from ..logging_utils import get_logger, warn_once
 from . import layout
+from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
 from .manifest import config_hash, verify_manifest, write_manifest
 from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
+FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
 TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
 
 
-def fault_point(name: str) -> None:
-    """Die here if the test harness asked for it (``MOE_DIST_FAULT=<name>[@rank]``)."""
+def fault_point(name: str, step: Optional[int] = None) -> None:
+    """Die here if the test harness asked for it: ``MOE_DIST_FAULT=<name>[@rank]``, optionally
+    ``MOE_DIST_FAULT_STEP=<step>``. Points: ``after_step`` (every step, before its save), then, in
+    a save, ``before_shards``, ``before_metadata``, ``after_metadata``, ``before_publish``,
+    ``before_latest``, ``after_latest``. Under torchrun only the first attempt dies, so a restarted
+    job can show that it recovers."""
     spec = os.environ.get(FAULT_ENV)
-    if not spec:
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return
     target, _, rank = spec.partition("@")
+    at_step = os.environ.get(FAULT_STEP_ENV)
+    if at_step and step is not None and int(at_step) != step:
+        return
     if target == name and (not rank or int(rank) == (dist.get_rank() if dist.is_initialized() else 0)):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -53,10 +64,66 @@ def fault_point(name: str) -> None:
 class _FaultingWriter(FileSystemWriter):
     """FileSystemWriter whose ``finish`` (DCP's metadata write) can be interrupted by a fault point."""
 
+    def __init__(self, path: str, step: int, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.step = step
+
     def finish(self, metadata, results):  # noqa: ANN001 - DCP signature
-        fault_point("before_metadata")
+        fault_point("before_metadata", self.step)
         super().finish(metadata, results)
-        fault_point("after_metadata")
+        fault_point("after_metadata", self.step)
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an exception: OSErrors as their strerror and file, others by type and first line.
+
+    DCP raises a CheckpointException (a BaseException) on every rank, holding each failed rank's
+    (exception, traceback); report the rank and its exception, an OSError first (full disk, ...).
+    """
+    if isinstance(e, CheckpointException) and e.failures:
+        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in sorted(e.failures.items())}
+        rank, first = next(((r, x) for r, x in inner.items() if isinstance(x, OSError)), next(iter(inner.items())))
+        return f"rank {rank}: {_reason(first)}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
+
+
+def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # noqa: ANN401 - RunConfig
+    """Refuse a checkpoint whose architecture or global batch differs from ``cfg`` (CheckpointError)."""
+    saved_model = dict(saved["config"]["model"])
+    from dataclasses import replace
+
+    requested = replace(cfg.model, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS if k in saved_model})
+    diffs = architecture_diff(saved_model, requested)
+    if diffs:
+        raise CheckpointError(f"{path}: checkpoint of another architecture; differing fields: "
+                              + "; ".join(diffs) + ". Use the saved values or start a new run.")
+    g_saved = saved["sampler"]["global_batch_size"]
+    if g_saved != cfg.train.global_batch_size:
+        raise CheckpointError(f"{path}: saved with train.global_batch_size={g_saved}, requested "
+                              f"{cfg.train.global_batch_size}; the data cursor counts global batches, "
+                              "so resume with the saved value")
+
+
+def preflight_resume(cfg: Any) -> Optional[Path]:  # noqa: ANN401 - RunConfig
+    """The cheap resume checks, on every rank before anything is built: the folder exists and is
+    complete, file sizes match the manifest, and the architecture matches. A wrong ``--resume``
+    then fails in seconds, not after the engine is up. Checksums stay in :meth:`CheckpointManager.load`
+    (rank 0 only: hashing is the expensive part)."""
+    if not cfg.checkpoint.resume:
+        return None
+    path = layout.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
+    if path is None:
+        return None
+    verify_manifest(path, checksums=False)
+    try:
+        saved = json.loads((path / layout.TRAIN_STATE).read_text())
+        check_compatible(path, saved, cfg)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable {layout.TRAIN_STATE} ({_reason(e)})") from None
+    return path
 
 
 class CheckpointManager:
@@ -71,6 +138,13 @@ class CheckpointManager:
         self.last_saved_step: Optional[int] = None
         self.last_saved_path: Optional[Path] = None
         self.save_seconds: list[float] = []
+        # Per-step votes (stop requested? background save finished?) travel on a control group of
+        # their own: with --async-save, DCP's writer thread runs collectives on self.pg, and two
+        # threads issuing collectives on one gloo group deadlock (seen: a hang at the second save).
+        self.ctrl_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.writer: Optional[AsyncCheckpointWriter] = None
+        if cfg.checkpoint.async_save:
+            self.writer = AsyncCheckpointWriter(self.pg, self.ctrl_pg)
 
     # ------------------------------------------------------------------ helpers
     def _barrier(self) -> None:
@@ -89,10 +163,10 @@ class CheckpointManager:
 
     def stop_requested(self, local_flag: bool) -> bool:
         """A signal reaches some ranks only: agree on stopping so every rank saves together."""
-        if self.pg is None:
+        if self.ctrl_pg is None:
             return local_flag
         t = torch.tensor([1 if local_flag else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctrl_pg)
         return bool(t.item())
 
     def _train_state(self) -> dict[str, Any]:
@@ -115,43 +189,95 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self) -> Path:
+        """Write ``checkpoint_step_<N>`` atomically (in the background with ``--async-save``).
+
+        A failure on any rank (full disk, read-only folder, ...) raises the same CheckpointError on
+        every rank, after the temp folder is removed: the previous checkpoint and
+        ``checkpoint_latest`` are never touched by a failed save.
+        """
+        if self.writer is not None:
+            self.writer.wait()  # at most one save in flight
         step = self.trainer.state.step
         t0 = time.perf_counter()
         token = self._broadcast(f"{int(time.time())}-{os.getpid()}")
         tmp = layout.tmp_dir_for(self.root, step, token)
+        final = self.root / layout.step_dir_name(step)
+        err = None
         if self.rt.is_main:
             for old in layout.leftovers(self.root):
                 self.log.info(f"removing {old.name}, left by an interrupted save")
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=False)
-        self._barrier()
+            try:
+                tmp.mkdir(parents=True, exist_ok=False)
+            except OSError as e:
+                err = _reason(e)
+        err = self._broadcast(err)
+        if err is not None:
+            return self._publish(step, tmp, final, None, err, t0, t0)
+        state = self._train_state() if self.rt.is_main else None  # snapshot now: training moves on
         sd = self.state_dict_for_save()
-        fault_point("before_shards")
-        dcp.save(sd, storage_writer=_FaultingWriter(str(tmp), sync_files=True), process_group=self.pg)
-        self._barrier()  # every rank's shards are durable, rank 0 wrote .metadata
-        final = self.root / layout.step_dir_name(step)
+        fault_point("before_shards", step)
+        writer = _FaultingWriter(str(tmp), step, sync_files=True)
+        if self.writer is not None:
+            self.writer.start(sd, writer, step, lambda e: self._publish(step, tmp, final, state, e, t0, stall))
+            stall = time.perf_counter() - t0  # read by the lambda when the write completes
+            self.log.info(f"checkpoint_step_{step}: shards staged in {stall:.2f}s, writing in the background")
+            return final
+        try:
+            dcp.save(sd, storage_writer=writer, process_group=self.pg)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
+            err = _reason(e)
+        return self._publish(step, tmp, final, state, err, t0, time.perf_counter() - t0)
+
+    def _publish(self, step: int, tmp: Path, final: Path, state: Optional[dict[str, Any]], err: Optional[str],
+                 t0: float, stall: float) -> Path:
+        """After every rank's shards are written: metadata check, manifest, rename, pointer (rank 0)."""
+        errs = [None] * (dist.get_world_size(self.pg) if self.pg is not None else 1)
+        if self.pg is not None:
+            dist.all_gather_object(errs, err, group=self.pg)  # also the barrier: all shards are durable
+        else:
+            errs = [err]
+        err = next((e for e in errs if e), None)
+        if err is None and self.rt.is_main:
+            try:
+                assert state is not None
+                layout.write_file_atomic(tmp / layout.TRAIN_STATE, json.dumps(state, indent=1).encode())
+                audit_experts(tmp, self.cfg.model)
+                write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
+                                     "model_config_hash": config_hash(state["config"]["model"])})
+                fault_point("before_publish", step)
+                layout.publish(tmp, final)
+                fault_point("before_latest", step)
+                layout.point_latest(self.root, final)
+                fault_point("after_latest", step)
+            except (OSError, CheckpointError) as e:
+                err = _reason(e) if isinstance(e, OSError) else str(e)
+        err = self._broadcast(err)
+        if err is not None:
+            if self.rt.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"{self.last_saved_path.name} and {layout.LATEST}" if self.last_saved_path else "earlier checkpoints"
+            raise CheckpointError(f"saving checkpoint_step_{step} in {self.root} failed: {err}; nothing was "
+                                  f"published, {kept} are untouched")
         if self.rt.is_main:
-            state = self._train_state()
-            layout.write_file_atomic(tmp / layout.TRAIN_STATE, json.dumps(state, indent=1).encode())
-            audit_experts(tmp, self.cfg.model)
-            write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
-                                 "model_config_hash": config_hash(state["config"]["model"])})
-            fault_point("before_publish")
-            layout.publish(tmp, final)
-            fault_point("before_latest")
-            layout.point_latest(self.root, final)
-            fault_point("after_latest")
             for removed in layout.prune(self.root, self.cfg.checkpoint.keep_last, protect=final):
                 self.log.info(f"pruned {removed.name}")
         self._barrier()
         self.last_saved_step, self.last_saved_path = step, final
-        self.save_seconds.append(time.perf_counter() - t0)
-        self.log.info(f"saved {final} in {self.save_seconds[-1]:.2f}s")
+        total = time.perf_counter() - t0
+        self.save_seconds.append(total)
+        if self.rt.is_main:
+            size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+            with open(self.root.parent / "checkpoint_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "mode": "async" if self.writer is not None else "sync",
+                                    "stall_s": stall, "total_s": total, "bytes": size}) + "\n")
+        self.log.info(f"saved {final} in {total:.2f}s (training stalled {stall:.2f}s)")
         return final
 
     def after_step(self) -> None:
+        fault_point("after_step", self.trainer.state.step)
+        if self.writer is not None:
+            self.writer.poll()  # publish a finished background save promptly
         every = self.cfg.checkpoint.save_every
         if every and self.trainer.state.step % every == 0:
             self.save()
@@ -160,8 +286,12 @@ class CheckpointManager:
         """Final save at the end of training or on SIGTERM/Ctrl-C (unless this step is saved already)."""
         if interrupted:
             self.log.warning(f"stop requested: saving at step {self.trainer.state.step} before exiting")
+        if self.writer is not None:
+            self.writer.wait()
         if self.trainer.state.step > 0 and self.last_saved_step != self.trainer.state.step:
-            return self.save()
+            self.save()
+            if self.writer is not None:
+                self.writer.wait()
         return self.last_saved_path
 
     # ------------------------------------------------------------------ resume
@@ -170,6 +300,10 @@ class CheckpointManager:
         if not spec:
             return None
         path = layout.resolve_resume(spec, self.cfg.checkpoint.output_dir)
+        unfinished = layout.leftovers(self.root)
+        if unfinished:
+            self.log.info(f"ignoring {len(unfinished)} unfinished save(s) ({', '.join(p.name for p in unfinished)}), "
+                          "left by an interrupted run; they are removed at the next save")
         if path is None:
             self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
             return None
@@ -180,10 +314,9 @@ class CheckpointManager:
         err = None
         if self.rt.is_main:
             try:
-                if self.cfg.checkpoint.verify:
-                    verify_manifest(path)
+                verify_manifest(path, checksums=self.cfg.checkpoint.verify)  # sizes always: a stat is free
                 saved = json.loads((path / layout.TRAIN_STATE).read_text())
-                self._check_compatible(path, saved)
+                check_compatible(path, saved, self.cfg)
             except CheckpointError as e:
                 err = str(e)
             except (OSError, json.JSONDecodeError, KeyError) as e:
@@ -198,7 +331,11 @@ class CheckpointManager:
         rng_key = f"rng.rank{self.rt.rank}.torch"
         if same_topology:
             template[rng_key] = torch.get_rng_state()
-        dcp.load(template, storage_reader=FileSystemReader(str(path)), process_group=self.pg)
+        try:
+            dcp.load(template, storage_reader=FileSystemReader(str(path)), process_group=self.pg)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
+            raise CheckpointError(f"{path}: cannot load the shards ({_reason(e)}); check it with "
+                                  f"`moe-ckpt verify {path}` or resume from another checkpoint") from None
         load_zero_state_dict(self.engine, template)
         if same_topology:
             torch.set_rng_state(template[rng_key])
@@ -212,19 +349,3 @@ class CheckpointManager:
         self.log.info(f"resumed from {path} at step {saved['step']} (saved on world {topo['world_size']}, "
                       f"ZeRO-{topo['zero_stage']}, EP {topo['ep_size']}; now world {self.rt.world_size}, "
                       f"ZeRO-{self.rt.zero_stage}, EP {self.cfg.parallel.ep_size})")
-
-    def _check_compatible(self, path: Path, saved: dict[str, Any]) -> None:
-        saved_model = dict(saved["config"]["model"])
-        from dataclasses import replace
-
-        requested = replace(self.cfg.model, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS
-                                                if k in saved_model})
-        diffs = architecture_diff(saved_model, requested)
-        if diffs:
-            raise CheckpointError(f"{path}: checkpoint of another architecture; differing fields: "
-                                  + "; ".join(diffs) + ". Use the saved values or start a new run.")
-        g_saved = saved["sampler"]["global_batch_size"]
-        if g_saved != self.cfg.train.global_batch_size:
-            raise CheckpointError(f"{path}: saved with train.global_batch_size={g_saved}, requested "
-                                  f"{self.cfg.train.global_batch_size}; the data cursor counts global batches, "
-                                  "so resume with the saved value")
