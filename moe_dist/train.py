@@ -87,16 +87,14 @@ def run(argv: Optional[list[str]] = None) -> int:
 def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     import signal
 
-    import torch
-
     from moe_dist.checkpoint.manager import CheckpointManager, preflight_resume
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env
     from moe_dist.metrics import MetricsLog
-    from moe_dist.model import MoETransformer, count_parameters
-    from moe_dist.parallel.expert_parallel import apply_expert_parallel, validate_ep
-    from moe_dist.parallel.runtime import init_runtime, prepare_engine
+    from moe_dist.model import count_parameters
+    from moe_dist.parallel.expert_parallel import validate_ep
+    from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.trainer import Trainer
     from moe_dist.ui import TrainUI
 
@@ -110,13 +108,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
     rt = init_runtime(cfg, args.deepspeed_config)
-    torch.manual_seed(cfg.train.seed)
-    model = MoETransformer(cfg.model)
-    model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-    for layer in model.moe_layers():
-        layer.capacity_factor = cfg.parallel.capacity_factor
-    apply_expert_parallel(model, cfg, rt)
-    engine = prepare_engine(rt, model, cfg)
+    _, engine = build_engine(rt, cfg)
 
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
     metrics = MetricsLog(os.path.join(cfg.checkpoint.output_dir, "metrics.jsonl"), enabled=rt.is_main)

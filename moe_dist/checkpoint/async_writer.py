@@ -13,7 +13,6 @@ step travels on a separate control group: two threads must never share one gloo 
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 

@@ -113,6 +113,20 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     return engine
 
 
+def build_engine(rt: Runtime, cfg: RunConfig) -> tuple[nn.Module, Any]:
+    """The model every rank builds identically (same seed), sharded by EP, handed to DeepSpeed."""
+    from ..model import MoETransformer
+    from .expert_parallel import apply_expert_parallel
+
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformer(cfg.model)
+    model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+    for layer in model.moe_layers():
+        layer.capacity_factor = cfg.parallel.capacity_factor
+    apply_expert_parallel(model, cfg, rt)
+    return model, prepare_engine(rt, model, cfg)
+
+
 def shutdown() -> None:
     """Tear the process group down explicitly: ZeRO-3 + offload can abort at interpreter exit otherwise."""
     if dist.is_available() and dist.is_initialized():
