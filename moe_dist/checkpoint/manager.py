@@ -42,6 +42,7 @@ from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dic
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
 TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
+SHORT_WRITE = "a shard file was written short (disk full, quota or file-size limit)"
 
 
 def fault_point(name: str, step: Optional[int] = None) -> None:
@@ -87,6 +88,8 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
     first_line = (str(e).strip().splitlines() or [""])[0]
+    if "inline_container" in first_line and "unexpected pos" in first_line:  # torch.save's zip writer
+        return f"{SHORT_WRITE} ({first_line})"
     return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
 
 
@@ -254,6 +257,11 @@ class CheckpointManager:
                 err = _reason(e) if isinstance(e, OSError) else str(e)
         err = self._broadcast(err)
         if err is not None:
+            if "No space" in err or SHORT_WRITE in err:
+                try:
+                    err += f"; {shutil.disk_usage(self.root).free / 2**20:.1f} MiB free there"
+                except OSError:
+                    pass
             if self.rt.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = f"{self.last_saved_path.name} and {layout.LATEST}" if self.last_saved_path else "earlier checkpoints"

@@ -1,0 +1,245 @@
+"""``moe-ckpt``: look inside a checkpoint folder offline (no process group, no model built).
+
+::
+
+    moe-ckpt info runs/r                                      # the run's checkpoint_latest
+    moe-ckpt info runs/r/checkpoints/checkpoint_step_500
+    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + SHA-256, expert audit
+    moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
+
+PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
+or a run folder (the last two mean their ``checkpoint_latest``, else their newest complete save).
+
+Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt or fails the expert audit;
+2 PATH is not a checkpoint (missing, a plain folder, a run with no complete checkpoint).
+Problems are one line on stderr, starting with ``error:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from . import layout
+from .errors import CheckpointError
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+
+
+class _NotACheckpoint(Exception):
+    """PATH cannot be turned into a checkpoint folder (exit 2)."""
+
+
+# ----------------------------------------------------------------------------- finding the folder
+def _looks_like_checkpoint(p: Path) -> bool:
+    names = (layout.DCP_METADATA, layout.MANIFEST, layout.TRAIN_STATE)
+    return bool(layout.STEP_RE.match(p.name)) or any((p / n).is_file() for n in names) \
+        or any(p.glob("*.distcp"))
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """The checkpoint folder PATH stands for; raises _NotACheckpoint with a one-line reason."""
+    p = Path(spec)
+    if p.is_symlink() and not p.exists():
+        raise _NotACheckpoint(f"{spec}: a link to {p.readlink()}, which does not exist")
+    if not p.exists():
+        raise _NotACheckpoint(f"{spec}: no such file or folder")
+    p = p.resolve()
+    if not p.is_dir():
+        raise _NotACheckpoint(f"{spec}: a file, not a folder; give a checkpoint_step_<N> folder, "
+                              f"{layout.LATEST} or a run folder")
+    if _looks_like_checkpoint(p):
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = root / layout.LATEST
+    if latest.is_symlink():
+        if not latest.exists():
+            raise _NotACheckpoint(f"{spec}: {latest} points to {latest.readlink()}, which does not exist")
+        return latest.resolve()
+    ckpts = layout.complete_checkpoints(root)
+    if ckpts:
+        return ckpts[-1][1]
+    if root != p or any(layout.STEP_RE.match(c.name) for c in p.iterdir()) or layout.leftovers(p):
+        raise _NotACheckpoint(f"{spec}: no complete checkpoint under {root}")
+    raise _NotACheckpoint(f"{spec}: not a checkpoint (no {layout.DCP_METADATA}, {layout.MANIFEST} or "
+                          "checkpoints/ inside)")
+
+
+# ----------------------------------------------------------------------------- reading it
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _missing_parts(folder: Path) -> list[str]:
+    return [n for n in (layout.DCP_METADATA, layout.TRAIN_STATE, layout.MANIFEST) if not (folder / n).is_file()]
+
+
+def _require_complete(folder: Path) -> None:
+    missing = _missing_parts(folder)
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete checkpoint (missing {', '.join(missing)}); it was "
+                              "interrupted while saving; use an earlier one")
+
+
+def _model_config(folder: Path, state: dict[str, Any]):  # noqa: ANN202 - ModelConfig
+    from ..config import ConfigError, ModelConfig
+
+    try:
+        return ModelConfig(**state["config"]["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{folder / layout.TRAIN_STATE}: no usable model config ({e})") from None
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable
+
+
+def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
+    """(architecture, parameter counts) of a ModelConfig, one line each."""
+    from ..model import count_parameters
+
+    total, active = count_parameters(mc)
+    experts = f"{mc.num_experts} experts top-{mc.top_k} ({mc.expert_type}{' + shared' if mc.shared_expert else ''})"
+    return (f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads ({mc.kv_heads} kv), {experts}, "
+            f"d_ff {mc.d_ff}, vocab {mc.vocab_size}, max_seq_len {mc.max_seq_len}",
+            f"{total:,} total, {active:,} active per token")
+
+
+def checkpoint_info(folder: Path) -> dict[str, Any]:
+    """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
+    if not (folder / layout.TRAIN_STATE).is_file():
+        _require_complete(folder)
+    state = _read_json(folder / layout.TRAIN_STATE)
+    topo = state.get("topology", {})
+    files = _files(folder)
+    missing = _missing_parts(folder)
+    return {
+        "path": str(folder), "step": state.get("step"), "tokens": state.get("tokens"),
+        "world_size": topo.get("world_size"), "zero_stage": topo.get("zero_stage"), "ep_size": topo.get("ep_size"),
+        "optimizer": topo.get("optimizer"), "bytes": sum(p.stat().st_size for p in files), "files": len(files),
+        "saved_at": state.get("saved_at"), "torch": state.get("torch"), "preset": state.get("config", {}).get("preset"),
+        **dict(zip(("model", "parameters"), _model_summary(_model_config(folder, state)))),
+        "complete": not missing, "missing": missing,
+    }
+
+
+def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
+    """Manifest (sizes, SHA-256 unless ``checksums=False``) then the expert audit; the OK line."""
+    from .audit import audit_experts
+    from .manifest import verify_manifest
+
+    _require_complete(folder)
+    manifest = verify_manifest(folder, checksums=checksums)
+    state = _read_json(folder / layout.TRAIN_STATE)
+    if manifest.get("step") is not None and manifest.get("step") != state.get("step"):
+        raise CheckpointError(f"{folder}: manifest says step {manifest['step']}, {layout.TRAIN_STATE} says "
+                              f"{state.get('step')}; the files come from different saves")
+    mc = _model_config(folder, state)
+    try:
+        audit = audit_experts(folder, mc)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unreadable .metadata (only possible with --no-checksums)
+        raise CheckpointError(f"{folder / layout.DCP_METADATA}: unreadable DCP metadata "
+                              f"({e.__class__.__name__}: {e})") from None
+    listed = manifest["files"]
+    size = sum(m["size"] for m in listed.values())
+    what = "sizes and SHA-256" if checksums else "sizes (checksums skipped)"
+    return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what} match the "
+            f"manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-ckpt", description="Inspect and verify moe_dist checkpoints (offline, no GPU or process group).",
+        epilog="PATH: a checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its latest checkpoint). "
+               "Exit codes: 0 ok, 1 checkpoint incomplete/corrupt, 2 PATH is not a checkpoint.")
+    sub = p.add_subparsers(dest="command", metavar="{info,verify}")
+    info = sub.add_parser("info", help="Step, tokens, topology, optimizer, size, saved_at and model of a checkpoint.")
+    info.add_argument("path", metavar="PATH")
+    ver = sub.add_parser("verify", help="Check every file against manifest.json and audit the experts; prints OK "
+                                        "or the one-line problem.")
+    ver.add_argument("path", metavar="PATH")
+    ver.add_argument("--no-checksums", action="store_true",
+                     help="Check file sizes only, not SHA-256 (fast; misses flipped bits).")
+    return p
+
+
+def _error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no wrapping in logs
+    table = Table(title=f"checkpoint {info['path']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+
+    def num(v: Any) -> str:  # noqa: ANN401
+        return f"{v:,}" if isinstance(v, int) else str(v if v is not None else "-")
+
+    rows = [
+        ("step", num(info["step"])), ("tokens", num(info["tokens"])), ("world size", num(info["world_size"])),
+        ("ZeRO stage", num(info["zero_stage"])), ("EP degree", num(info["ep_size"])),
+        ("optimizer", num(info["optimizer"])),
+        ("size on disk", f"{human_bytes(info['bytes'])} ({info['bytes']:,} bytes)"), ("files", num(info["files"])),
+        ("saved at", num(info["saved_at"])), ("preset", num(info["preset"])), ("model", info["model"]),
+        ("parameters", info["parameters"]),
+        ("complete", "yes" if info["complete"] else f"[red]no[/] (missing {', '.join(info['missing'])})"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        folder = resolve_checkpoint(args.path)
+    except _NotACheckpoint as e:
+        _error(str(e))
+        return EXIT_USAGE
+    try:
+        if args.command == "info":
+            _print_info(checkpoint_info(folder))
+        else:
+            from rich.console import Console
+
+            Console(highlight=False, soft_wrap=True).print(verify_checkpoint(folder, checksums=not args.no_checksums),
+                                                            markup=False)
+    except CheckpointError as e:
+        _error(str(e))
+        return EXIT_BAD
+    except OSError as e:  # a file vanished or cannot be read while we look at it
+        _error(f"{e.filename or folder}: {e.strerror or e}")
+        return EXIT_BAD
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Hostile input: each case ends with exit code 2, one ``error:`` line naming the problem, no
+traceback, and nothing that was good on disk changed.
+
+Already covered elsewhere (not repeated here): unknown preset, missing data file, EP size that
+does not divide the experts (``test_train.test_bad_input_is_one_clear_line``). ``test_resume``
+checks the message of a changed architecture (d_ff and vocab_size together); here other fields,
+one at a time, with the exit code and the untouched folder too. A good world-1 run
+(checkpoint_step_2) is made once; every resume case works on a copy of it.
+
+Tests run as root, so ``chmod`` cannot make a folder read-only: the read-only cases use a
+``ro`` tmpfs mount and an ``--output-dir`` below (or equal to) a regular file. The full-disk case
+mounts a tmpfs sized for one checkpoint and a half (skipped where mounting is impossible); the
+same failure without a mount, a per-process file-size limit (RLIMIT_FSIZE) switched on at the
+step-4 save, runs everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moe_dist.checkpoint import layout
+from moe_dist.checkpoint.manifest import verify_manifest
+
+from .harness import run_ranks
+from .trainrun import CPU_JSON, FAST, TRAIN, train
+
+pytestmark = pytest.mark.distributed
+
+STEP = 2
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of a file, or '-> target' of a link: what 'nothing changed' compares."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def error_line(output: str) -> str:
+    """The run's one ``error:`` line; fails on a traceback or on more than one error line."""
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, output[-3000:]
+    return lines[0]
+
+
+def refused(out: Path, *args: str) -> str:
+    """Run one rank with ``args``; assert exit code 2 and return the error line."""
+    res = train(out, 1, *args, timeout=180, check=False)
+    assert res[0].returncode == 2, f"exit {res[0].returncode}\n{res[0].output[-3000:]}"
+    return error_line(res[0].output)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "good"
+    train(out, 1, "--max-steps", str(STEP), "--save-every", str(STEP))
+    assert layout.is_complete(out / "checkpoints" / layout.step_dir_name(STEP))
+    return out
+
+
+@pytest.fixture
+def run_copy(good_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(good_run, dst, symlinks=True)
+    return dst
+
+
+def _ckpt(run: Path) -> Path:
+    return run / "checkpoints" / layout.step_dir_name(STEP)
+
+
+def _shard(run: Path) -> Path:
+    return next(iter(sorted(_ckpt(run).glob("*.distcp"))))
+
+
+def _truncate(run: Path) -> None:
+    shard = _shard(run)
+    os.truncate(shard, shard.stat().st_size - 100)
+
+
+def _flip_bit(run: Path) -> None:
+    shard = _shard(run)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+def _drop_manifest(run: Path) -> None:
+    (_ckpt(run) / layout.MANIFEST).unlink()
+
+
+def _plain_folder(run: Path) -> None:
+    (run / "notes").mkdir()
+    (run / "notes" / "readme.txt").write_text("not a checkpoint")
+
+
+# name, how to damage the copy, --resume value (RUN = the copy), extra args, expected message parts
+RESUME_CASES = [
+    ("missing_path", None, "RUN/checkpoints/checkpoint_step_99", [],
+     ["--resume RUN/checkpoints/checkpoint_step_99: no such file or folder"]),
+    ("not_a_checkpoint", _plain_folder, "RUN/notes", [],
+     ["--resume RUN/notes: not a checkpoint (no .metadata file inside)"]),
+    ("partial_no_manifest", _drop_manifest, "RUN/checkpoints/checkpoint_step_2", [],
+     ["incomplete checkpoint (missing manifest.json)", "resume from an earlier one"]),
+    ("other_architecture", None, "auto", ["--set", "model.num_experts=4"],
+     ["checkpoint of another architecture", "model.num_experts: saved 8, requested 4"]),
+    ("vocab_mismatch", None, "RUN/checkpoints/checkpoint_latest", ["--set", "model.vocab_size=512"],
+     ["checkpoint of another architecture", "model.vocab_size: saved 320, requested 512"]),
+    ("truncated_shard", _truncate, "auto", [],
+     ["__0_0.distcp: size", "manifest says", "(truncated or modified copy)"]),
+    ("truncated_shard_no_verify", _truncate, "auto", ["--no-verify"],  # sizes are checked even then
+     ["__0_0.distcp: size", "(truncated or modified copy)"]),
+    ("bit_flipped_shard", _flip_bit, "auto", [],
+     ["__0_0.distcp: SHA-256", "differs from the manifest's", "(corrupted)"]),
+]
+
+
+@pytest.mark.parametrize("name, damage, resume, args, expect", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_bad_resume_is_refused_and_nothing_changes(run_copy, name, damage, resume, args, expect):
+    if damage is not None:
+        damage(run_copy)
+    before = snapshot(run_copy)
+    line = refused(run_copy, "--max-steps", "4", "--save-every", "2",
+                   "--resume", resume.replace("RUN", str(run_copy)), *args)
+    for part in expect:
+        assert part.replace("RUN", str(run_copy)) in line, line
+    assert snapshot(run_copy) == before  # no checkpoint, pointer or metrics row touched
+
+
+def test_checks_run_before_the_engine_is_built(run_copy):
+    """Path, completeness, sizes and architecture are checked first: a wrong --resume costs seconds.
+    (Checksums come later, on rank 0 once the process group exists: hashing is the slow part.)"""
+    res = train(run_copy, 1, "--resume", str(run_copy / "nope"), timeout=120, check=False)
+    assert res[0].returncode == 2
+    assert "DeepSpeed ZeRO" not in res[0].output  # the engine's first log line
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    line = refused(tmp_path / "out", "--data-files", str(empty))
+    assert line == f"error: data file {empty}: is empty; give a file with text in it"
+
+
+def test_vocab_smaller_than_tokenizer(tmp_path):
+    line = refused(tmp_path / "out", "--set", "model.vocab_size=200")
+    assert "model.vocab_size (200) is smaller than the tokenizer's vocabulary (" in line
+    assert "set --set model.vocab_size=" in line
+
+
+def test_ep_size_that_does_not_divide_world(tmp_path):
+    line = refused(tmp_path / "out", "--ep-size", "2")
+    assert line == ("error: world size (1) must be divisible by parallel.ep_size (2); launch a multiple of 2 "
+                    "processes or lower --ep-size")
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "is_a_file"])
+def test_output_dir_that_is_not_a_folder(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    out = blocker / "run" if where == "below_a_file" else blocker
+    res = train(out, 1, "--max-steps", "2", timeout=120, check=False)
+    assert res[0].returncode == 2, res[0].output[-3000:]
+    line = error_line(res[0].output)
+    if where == "below_a_file":
+        assert line == (f"error: checkpoint.output_dir {out}: cannot write there (Not a directory); "
+                        "pass a writable --output-dir")
+    else:
+        assert line == f"error: checkpoint.output_dir {out}: is a file, not a folder; pass a folder to --output-dir"
+    assert blocker.read_text() == "keep me"
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    return proc.returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_read_only_output_dir(tmp_path):
+    mnt = tmp_path / "ro"
+    if not _mount_tmpfs(mnt, "ro,size=1m"):
+        pytest.skip("cannot mount a tmpfs here (not root / no CAP_SYS_ADMIN); the file cases above still run")
+    try:
+        line = refused(mnt / "run")
+    finally:
+        _umount(mnt)
+    assert line == (f"error: checkpoint.output_dir {mnt / 'run'}: cannot write there (Read-only file system); "
+                    "pass a writable --output-dir")
+
+
+def _assert_failed_save_left_step2_intact(out: Path, line: str, reason: str) -> None:
+    root = out / "checkpoints"
+    assert line.startswith(f"error: saving checkpoint_step_4 in {root} failed: "), line
+    assert reason in line, line
+    assert line.endswith("nothing was published, checkpoint_step_2 and checkpoint_latest are untouched"), line
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [2]
+    assert (root / layout.LATEST).resolve() == (root / layout.step_dir_name(2)).resolve()
+    verify_manifest(root / layout.step_dir_name(2))  # sizes and SHA-256: the old checkpoint is whole
+    assert layout.leftovers(root) == []  # the failed temp folder was removed
+
+
+def test_full_disk_during_save(good_run, tmp_path):
+    """A tmpfs that holds one checkpoint and a half: the step-2 save fits, the step-4 one cannot."""
+    ckpt_bytes = sum(p.stat().st_size for p in _ckpt(good_run).iterdir())
+    mnt = tmp_path / "disk"
+    if not _mount_tmpfs(mnt, f"size={(ckpt_bytes * 3 // 2) // 1024}k"):
+        pytest.skip("cannot mount a tmpfs here; test_file_size_limit_during_save covers the failing write")
+    try:
+        out = mnt / "run"
+        res = train(out, 2, "--max-steps", "6", "--save-every", "2", timeout=180, check=False)
+        # every rank raises the same error and exits 2; the harness kills whichever is still
+        # shutting down when the other has exited (returncode None)
+        codes = [r.returncode for r in res]
+        assert set(codes) <= {2, None} and 2 in codes, res[0].output[-3000:]
+        line = error_line(res[0].output)
+        # which rank hits the wall first varies: its open() fails (ENOSPC), or torch.save's writer comes up short
+        assert ("No space left on device" in line or "a shard file was written short" in line), line
+        assert "MiB free there" in line, line
+        _assert_failed_save_left_step2_intact(out, line, "rank ")
+        assert "Traceback" not in res[1].output
+    finally:
+        _umount(mnt)
+
+
+# Runs moe_dist/train.py with a per-process file-size limit (RLIMIT_FSIZE) switched on when the
+# step-4 save starts (earlier, it would also stop torch's compiler caches): with SIGXFSZ ignored,
+# a write past the limit fails with EFBIG ("File too large"). Needs neither root nor a mount.
+_FSIZE_WRAPPER = """
+import os, resource, runpy, signal, sys
+import moe_dist.checkpoint.manager as manager
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit, at_step = int(os.environ["TEST_FSIZE_LIMIT"]), int(os.environ["TEST_FSIZE_STEP"])
+save = manager.CheckpointManager.save
+def limited_save(self):
+    if self.trainer.state.step >= at_step:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return save(self)
+manager.CheckpointManager.save = limited_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_file_size_limit_during_save(good_run, tmp_path):
+    """The same failure without a mount: shard writes of the step-4 save hit a file-size limit."""
+    out = tmp_path / "run"
+    argv = ["-c", _FSIZE_WRAPPER, TRAIN, "--deepspeed-config", CPU_JSON, *FAST, "--output-dir", str(out),
+            "--max-steps", "6", "--save-every", "2"]
+    limit = _shard(good_run).stat().st_size // 2
+    res = run_ranks(argv, 1, timeout=180, env={"TEST_FSIZE_LIMIT": str(limit), "TEST_FSIZE_STEP": "4"})
+    assert res[0].returncode == 2, res[0].output[-3000:]
+    # torch.save's zip writer swallows the EFBIG and reports a short write
+    _assert_failed_save_left_step2_intact(out, error_line(res[0].output), "a shard file was written short")
