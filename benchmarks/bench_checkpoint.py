@@ -70,7 +70,7 @@ def summarize(bench: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run(ctx: Context) -> Section:
     sec = Section(TITLE)
-    reps = 4 if ctx.quick else 7
+    reps = 3 if ctx.quick else 7
     summaries: dict[str, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
     for size in sizes_for(ctx):

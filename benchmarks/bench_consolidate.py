@@ -5,7 +5,7 @@ Each contender runs as its own process under ``benchmarks.peak_rss`` (a fresh pa
 several model sizes (section 2's, or saved here), interleaved, median of the repetitions:
 
 * ``moe-consolidate CKPT -o OUT.pt`` (default: checks the manifest's sizes and SHA-256 first);
-* the same with ``--no-verify-manifest`` (the work comparable to the next one);
+* the same with ``--no-verify-manifest`` (the work comparable to the next one; full mode only);
 * ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(CKPT, OUT)``: DCP's own converter;
   it loads *every* key (optimizer states included) into memory and writes them all;
 * ``python -c "import torch.distributed.checkpoint"``: the interpreter + torch floor of any of them.
@@ -30,6 +30,7 @@ DCP_TO_TORCH = ("import sys; from torch.distributed.checkpoint.format_utils impo
                 "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
 FLOOR = "import torch, torch.distributed.checkpoint"
 FLOOR_NAME = "python + torch import (floor)"
+OURS, OURS_NV, DCP = "moe-consolidate", "moe-consolidate --no-verify-manifest", "dcp_to_torch_save"
 
 
 def consolidate_command() -> tuple[Optional[list[str]], str]:
@@ -61,16 +62,17 @@ def run(ctx: Context) -> Section:
     results: dict[str, dict[str, Any]] = {}
     for size in sizes:
         ckpt = ensure_checkpoint(ctx, size)
-        outs = {"moe-consolidate": work / f"{size}-ours.pt", "moe-consolidate --no-verify-manifest":
-                work / f"{size}-ours-noverify.pt", "dcp_to_torch_save": work / f"{size}-dcp.pt"}
+        outs = {OURS: work / f"{size}-ours.pt", OURS_NV: work / f"{size}-ours-noverify.pt",
+                DCP: work / f"{size}-dcp.pt"}
         commands = {
-            "moe-consolidate": [*cmd, str(ckpt), "-o", str(outs["moe-consolidate"]), "--force", "-q"],
-            "moe-consolidate --no-verify-manifest": [*cmd, str(ckpt), "-o",
-                                                     str(outs["moe-consolidate --no-verify-manifest"]),
-                                                     "--force", "-q", "--no-verify-manifest"],
-            "dcp_to_torch_save": [sys.executable, "-c", DCP_TO_TORCH, str(ckpt), str(outs["dcp_to_torch_save"])],
+            OURS: [*cmd, str(ckpt), "-o", str(outs[OURS]), "--force", "-q"],
+            OURS_NV: [*cmd, str(ckpt), "-o", str(outs[OURS_NV]), "--force", "-q", "--no-verify-manifest"],
+            DCP: [sys.executable, "-c", DCP_TO_TORCH, str(ckpt), str(outs[DCP])],
             FLOOR_NAME: [sys.executable, "-c", FLOOR],
         }
+        if ctx.quick:  # one process less per repetition; the manifest check is measured in section 2
+            commands.pop(OURS_NV)
+            outs.pop(OURS_NV)
         measured: dict[str, list[dict[str, Any]]] = {n: [] for n in commands}
 
         def contender(name: str) -> Any:
@@ -101,20 +103,21 @@ def run(ctx: Context) -> Section:
             t, rss = median(r["seconds"][name]), median(r["peak_rss_mb"][name])
             rows.append([size, fmt(r["checkpoint_mb"]), name, fmt(r["out_mb"].get(name)), fmt(t),
                          spread(r["seconds"][name]), fmt(t - t_floor), fmt(rss), fmt(rss - floor)])
-        ours, dcp = "moe-consolidate --no-verify-manifest", "dcp_to_torch_save"
-        ratio_rows.append([size, fmt(r["checkpoint_mb"]),
-                           ratio(median(r["seconds"][dcp]), median(r["seconds"][ours])),
-                           ratio(median(r["seconds"][dcp]) - t_floor, median(r["seconds"][ours]) - t_floor),
-                           ratio(median(r["seconds"][dcp]), median(r["seconds"]["moe-consolidate"])),
-                           ratio(median(r["peak_rss_mb"][dcp]) - floor, median(r["peak_rss_mb"][ours]) - floor),
-                           ratio(median(r["peak_rss_mb"][dcp]), median(r["peak_rss_mb"][ours]))])
+        sec_m = {n: median(v) for n, v in r["seconds"].items()}
+        rss_m = {n: median(v) for n, v in r["peak_rss_mb"].items()}
+        row = [size, fmt(r["checkpoint_mb"])]
+        for ours in (OURS, OURS_NV):
+            if ours in sec_m:
+                row += [ratio(sec_m[DCP], sec_m[ours]), ratio(sec_m[DCP] - t_floor, sec_m[ours] - t_floor)]
+        ratio_rows.append(row + [ratio(rss_m[DCP] - floor, rss_m[OURS] - floor), ratio(rss_m[DCP], rss_m[OURS])])
     sec.table(["size", "checkpoint MB", "command", "output MB", "time s", "time range", "time above floor s",
                "peak RSS MB", "RSS above floor MB"], rows,
               caption=f"median of {reps} interleaved repetitions; checkpoint = world-2 CheckpointManager checkpoint "
                       "(weights + optimizer states)")
-    sec.table(["size", "checkpoint MB", "dcp_to_torch_save time / ours (no manifest check)", "same, time above floor",
-               "dcp_to_torch_save time / ours (default)", "dcp_to_torch_save RSS above floor / ours",
-               "dcp_to_torch_save peak RSS / ours"], ratio_rows,
+    variants = [o for o in (OURS, OURS_NV) if o in next(iter(results.values()))["seconds"]]
+    time_cols = [c for o in variants for c in (f"time: dcp_to_torch_save / {o}", "same, above floor")]
+    sec.table(["size", "checkpoint MB", *time_cols, f"RSS above floor: dcp_to_torch_save / {OURS}",
+               f"peak RSS: dcp_to_torch_save / {OURS}"], ratio_rows,
               caption="ratios (> 1: moe-consolidate is faster / smaller)")
     sec.note("The outputs differ in content: moe-consolidate writes the model weights only ({step, "
              "model_state_dict, config, ...}); dcp_to_torch_save writes every key of the checkpoint, optimizer "

@@ -151,7 +151,7 @@ def measure(tokens_list: list[int], reps: int, min_seconds: float) -> dict[int, 
 def run(ctx: Context) -> Section:
     sec = Section(TITLE)
     tokens_list = [1024, 4096] if ctx.quick else [1024, 4096, 16384]
-    reps, min_seconds = (7, 0.3) if ctx.quick else (11, 0.6)
+    reps, min_seconds = (5, 0.25) if ctx.quick else (11, 0.6)
     threads = torch.get_num_threads()
     # One intra-op thread: the machine is shared, and 2 OpenMP threads on 2 busy cores measure
     # scheduling more than the layers (the multi-rank sections run 1 thread per rank as well).

@@ -346,7 +346,7 @@ def mode_stall(b: SimpleNamespace, baseline_steps: int, blocks: int, every: int,
     for mode, m in managers.items():
         log = Path(m.cfg.checkpoint.output_dir) / "checkpoint_log.jsonl"  # the manager's own stall records
         logs[mode] = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    return {"rows": rows, "modes": modes, "manager_log": logs}
+    return {"rows": rows, "modes": modes, "manager_log": logs, "checkpoint": str(b.ckpt.last_saved_path)}
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Model sizes for the multi-process sections, as `moe-train` arguments (preset + --set overrides).
 SIZES: dict[str, list[str]] = {
     "tiny": ["--preset", "tiny"],
+    "14m": ["--preset", "100m", "--set", "model.d_model=256", "--set", "model.n_layers=4",
+            "--set", "model.d_ff=512"],
     "30m": ["--preset", "100m", "--set", "model.d_model=384", "--set", "model.n_layers=4",
             "--set", "model.d_ff=768"],
     "100m": ["--preset", "100m"],
