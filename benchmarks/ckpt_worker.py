@@ -151,9 +151,9 @@ class Contenders:
 
     def ours(self) -> dict[str, float]:
         ckpt = self.b.ckpt
-        out: dict[str, Any] = {}
-        out["save"] = synced(lambda: out.__setitem__("path", ckpt.save()))
-        path = out.pop("path")
+        saved: list[Path] = []
+        out = {"save": synced(lambda: saved.append(ckpt.save()))}
+        path = saved[0]
         self._record_bytes("ours: CheckpointManager", path)
         out["load"] = synced(lambda: ckpt.load(path))  # checkpoint.verify: manifest sizes + SHA-256 first
         verify = ckpt.cfg.checkpoint.verify
