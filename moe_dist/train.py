@@ -88,6 +88,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     import signal
 
     from moe_dist.checkpoint.manager import CheckpointManager, preflight_resume
+    from moe_dist.config import ConfigError
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env
@@ -104,7 +105,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise __import__("moe_dist.config", fromlist=["ConfigError"]).ConfigError(
+        raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
     rt = init_runtime(cfg, args.deepspeed_config)
