@@ -87,7 +87,8 @@ def run(argv: Optional[list[str]] = None) -> int:
 def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     import signal
 
-    from moe_dist.checkpoint.manager import CheckpointManager, preflight_resume
+    from moe_dist.checkpoint.manager import CheckpointManager
+    from moe_dist.checkpoint.resume import preflight_resume
     from moe_dist.config import ConfigError
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler

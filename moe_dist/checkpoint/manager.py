@@ -30,18 +30,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..config import architecture_diff
 from ..logging_utils import get_logger, warn_once
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
-from .manifest import config_hash, verify_manifest, write_manifest
+from .manifest import config_hash, write_manifest
+from .resume import choose_resume
 from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
-TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
 SHORT_WRITE = "a shard file was written short (disk full, quota or file-size limit)"
 
 
@@ -91,42 +90,6 @@ def _reason(e: BaseException) -> str:
     if "inline_container" in first_line and "unexpected pos" in first_line:  # torch.save's zip writer
         return f"{SHORT_WRITE} ({first_line})"
     return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
-
-
-def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # noqa: ANN401 - RunConfig
-    """Refuse a checkpoint whose architecture or global batch differs from ``cfg`` (CheckpointError)."""
-    saved_model = dict(saved["config"]["model"])
-    from dataclasses import replace
-
-    requested = replace(cfg.model, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS if k in saved_model})
-    diffs = architecture_diff(saved_model, requested)
-    if diffs:
-        raise CheckpointError(f"{path}: checkpoint of another architecture; differing fields: "
-                              + "; ".join(diffs) + ". Use the saved values or start a new run.")
-    g_saved = saved["sampler"]["global_batch_size"]
-    if g_saved != cfg.train.global_batch_size:
-        raise CheckpointError(f"{path}: saved with train.global_batch_size={g_saved}, requested "
-                              f"{cfg.train.global_batch_size}; the data cursor counts global batches, "
-                              "so resume with the saved value")
-
-
-def preflight_resume(cfg: Any) -> Optional[Path]:  # noqa: ANN401 - RunConfig
-    """The cheap resume checks, on every rank before anything is built: the folder exists and is
-    complete, file sizes match the manifest, and the architecture matches. A wrong ``--resume``
-    then fails in seconds, not after the engine is up. Checksums stay in :meth:`CheckpointManager.load`
-    (rank 0 only: hashing is the expensive part)."""
-    if not cfg.checkpoint.resume:
-        return None
-    path = layout.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
-    if path is None:
-        return None
-    verify_manifest(path, checksums=False)
-    try:
-        saved = json.loads((path / layout.TRAIN_STATE).read_text())
-        check_compatible(path, saved, cfg)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable {layout.TRAIN_STATE} ({_reason(e)})") from None
-    return path
 
 
 class CheckpointManager:
@@ -304,34 +267,33 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> Optional[Path]:
-        spec = self.cfg.checkpoint.resume
-        if not spec:
+        """Pick the checkpoint (rank 0 runs the checksums and, for ``auto``, any fallback), then load it."""
+        if not self.cfg.checkpoint.resume:
             return None
-        path = layout.resolve_resume(spec, self.cfg.checkpoint.output_dir)
         unfinished = layout.leftovers(self.root)
         if unfinished:
             self.log.info(f"ignoring {len(unfinished)} unfinished save(s) ({', '.join(p.name for p in unfinished)}), "
                           "left by an interrupted run; they are removed at the next save")
-        if path is None:
-            self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
-            return None
-        self.load(path)
-        return path
-
-    def load(self, path: Path) -> None:
-        err = None
+        choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
         if self.rt.is_main:
             try:
-                verify_manifest(path, checksums=self.cfg.checkpoint.verify)  # sizes always: a stat is free
-                saved = json.loads((path / layout.TRAIN_STATE).read_text())
-                check_compatible(path, saved, self.cfg)
+                path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning)
+                choice = (str(path) if path is not None else None, None)
             except CheckpointError as e:
-                err = str(e)
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                err = f"{path}: unreadable checkpoint ({e.__class__.__name__}: {e})"
-        err = self._broadcast(err)
+                choice = (None, str(e))
+            except OSError as e:
+                choice = (None, f"cannot read the checkpoint ({_reason(e)})")
+        found, err = self._broadcast(choice)
         if err:
             raise CheckpointError(err)
+        if found is None:
+            self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
+            return None
+        self.load(Path(found))
+        return Path(found)
+
+    def load(self, path: Path) -> None:
+        """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = json.loads((path / layout.TRAIN_STATE).read_text())
         template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path))
         topo = saved["topology"]

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import RunConfig
 from ..logging_utils import get_logger, quiet_third_party
 from ..optim import param_groups, tag_parameters
+from .jit_locks import warn_stale_build_locks
 from .deepspeed_config import BatchLayout, batch_layout, build_ds_config, optimizer_kind, read_launch_json
 
 
@@ -60,6 +61,8 @@ def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
 def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runtime:
     """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig."""
     quiet_third_party()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        warn_stale_build_locks(get_logger().warning)  # before DeepSpeed's comm set-up loads its shm op
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 

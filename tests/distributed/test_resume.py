@@ -94,3 +94,25 @@ def test_changed_architecture_is_refused(runs, tmp_path):
     out = res[0].output
     assert res[0].returncode != 0
     assert "model.d_ff: saved 64, requested 96" in out and "model.vocab_size: saved 320, requested 300" in out
+
+
+def test_auto_falls_back_past_a_corrupt_newest_checkpoint(runs, tmp_path):
+    """A bit flip in the newest save: --resume auto warns, resumes from the previous one, reproduces
+    the reference bitwise, and the re-save of that step replaces the damaged folder."""
+    from moe_dist.checkpoint.manifest import verify_manifest
+
+    ref, _ = runs
+    run = tmp_path / "fallback"
+    shutil.copytree(ref, run, symlinks=True)
+    root = run / "checkpoints"
+    shard = sorted((root / f"checkpoint_step_{STEPS}").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    shard.write_bytes(bytes(data))
+    log = train(run, 2, "--max-steps", str(STEPS), "--resume", "auto")[0].output
+    assert f"skipping a damaged checkpoint: {shard}: SHA-256" in log, log[-3000:]
+    assert f"resumed from {root / f'checkpoint_step_{HALF}'} at step {HALF}" in log
+    a, b = by_step(metrics(ref)), by_step(metrics(run))
+    for s in range(HALF + 1, STEPS + 1):
+        assert a[s]["loss"] == b[s]["loss"], f"step {s}"
+    verify_manifest(root / f"checkpoint_step_{STEPS}")  # re-saved whole

@@ -1,0 +1,101 @@
+"""Which checkpoint a run resumes from, and whether it may.
+
+``--resume PATH`` names one checkpoint: it is checked and refused with a message if anything is
+wrong. ``--resume auto`` (what a restarted job uses) takes the newest complete checkpoint under the
+run's ``checkpoints/`` and, when that one is damaged (a shard truncated or bit-flipped, a file
+missing, ``train_state.json`` unreadable), falls back to the next older one with a warning per
+skipped folder: a corrupt newest save must not keep a restarted job down when an older good one
+exists. A checkpoint of another architecture or global batch is refused at once, never skipped:
+older checkpoints of the same run would differ the same way, and the fix is the user's config.
+
+The checks come in two costs: sizes, JSON and config (a few stats, every rank, before anything is
+built, so a wrong ``--resume`` fails in seconds) and SHA-256 of every file (rank 0, once the
+process group exists; ``--no-verify`` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..config import architecture_diff
+from . import layout
+from .errors import CheckpointError, IncompatibleCheckpoint
+from .manifest import verify_manifest
+
+# Model fields that change how a model trains, not its shapes: a resume may change them.
+TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
+
+
+def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # noqa: ANN401 - RunConfig
+    """Raise IncompatibleCheckpoint if ``saved``'s architecture or global batch differs from ``cfg``."""
+    saved_model = dict(saved["config"]["model"])
+    requested = replace(cfg.model, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS if k in saved_model})
+    diffs = architecture_diff(saved_model, requested)
+    if diffs:
+        raise IncompatibleCheckpoint(f"{path}: checkpoint of another architecture; differing fields: "
+                                     + "; ".join(diffs) + ". Use the saved values or start a new run.")
+    g_saved = saved["sampler"]["global_batch_size"]
+    if g_saved != cfg.train.global_batch_size:
+        raise IncompatibleCheckpoint(f"{path}: saved with train.global_batch_size={g_saved}, requested "
+                                     f"{cfg.train.global_batch_size}; the data cursor counts global batches, "
+                                     "so resume with the saved value")
+
+
+def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  # noqa: ANN401 - RunConfig
+    """Every check short of loading the shards; returns the parsed ``train_state.json``."""
+    verify_manifest(path, checksums=checksums)
+    try:
+        saved = json.loads((path / layout.TRAIN_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / layout.TRAIN_STATE}: unreadable ({e.__class__.__name__}: {e}); "
+                              "resume from another checkpoint") from None
+    try:
+        check_compatible(path, saved, cfg)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / layout.TRAIN_STATE}: a field is missing or malformed ({e!r}); "
+                              "resume from another checkpoint") from None
+    return saved
+
+
+def choose_resume(cfg: Any, checksums: bool,  # noqa: ANN401 - RunConfig
+                  warn: Callable[[str], None] = lambda _msg: None) -> Optional[Path]:
+    """The checked checkpoint to resume from, or None (no ``--resume``, or ``auto`` with none saved).
+
+    Raises CheckpointError with the reason when nothing usable is found; ``warn`` gets one line
+    per damaged checkpoint that ``auto`` skipped."""
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return None
+    if spec != "auto":
+        path = layout.resolve_resume(spec, cfg.checkpoint.output_dir)
+        assert path is not None
+        check_checkpoint(path, cfg, checksums)
+        return path
+    root = layout.checkpoints_dir(cfg.checkpoint.output_dir)
+    candidates = [p for _, p in reversed(layout.complete_checkpoints(root))]
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            check_checkpoint(path, cfg, checksums)
+        except IncompatibleCheckpoint:
+            raise
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        for reason in skipped:
+            warn(f"--resume auto: skipping a damaged checkpoint: {reason}")
+        if skipped:
+            warn(f"--resume auto: falling back to {path}; the damaged folder(s) are left in place for inspection")
+        return path
+    if skipped:
+        more = f" (and {len(skipped) - 1} older one(s) damaged too)" if len(skipped) > 1 else ""
+        raise CheckpointError(skipped[0] + more)
+    return None
+
+
+def preflight_resume(cfg: Any) -> Optional[Path]:  # noqa: ANN401 - RunConfig
+    """The cheap checks (no checksums, no warnings), on every rank before anything is built."""
+    return choose_resume(cfg, checksums=False)
