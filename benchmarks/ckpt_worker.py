@@ -182,11 +182,7 @@ class Contenders:
             dcp.load(sd, storage_reader=FileSystemReader(str(path)))
             load_zero_state_dict(engine, sd)
 
-        out = {"save": synced(save)}
-        self._record_bytes("ours: bare DCP", path)
-        out["load"] = synced(load)
-        on_rank0(lambda: shutil.rmtree(path, ignore_errors=True))
-        return out
+        return self._save_then_load("ours: bare DCP", path, save, load)
 
     def deepspeed(self) -> dict[str, float]:
         engine, path = self.b.engine, self.root / "deepspeed"
@@ -201,8 +197,13 @@ class Contenders:
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed load_checkpoint found nothing at {path}")
 
+        return self._save_then_load("DeepSpeed save_checkpoint", path, save, load)
+
+    def _save_then_load(self, label: str, path: Path, save: Callable[[], None],
+                        load: Callable[[], None]) -> dict[str, float]:
+        """Time one save and one load (every rank in step), record the bytes written, clean up."""
         out = {"save": synced(save)}
-        self._record_bytes("DeepSpeed save_checkpoint", path)
+        self._record_bytes(label, path)
         out["load"] = synced(load)
         on_rank0(lambda: shutil.rmtree(path, ignore_errors=True))
         return out

@@ -39,8 +39,8 @@ from torch import nn
 from .checkpoint import layout
 from .checkpoint.errors import CheckpointError
 from .config import RunConfig
-from .consolidate import (MODEL_PREFIX, MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint, run_config,
-                          safetensors_files)
+from .checkpoint.reader import MODEL_PREFIX, Checkpoint, run_config
+from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
 
 
 @dataclass

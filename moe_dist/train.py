@@ -88,9 +88,9 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     import signal
 
     from moe_dist.checkpoint.manager import CheckpointManager
-    from moe_dist.checkpoint.resume import preflight_resume
+    from moe_dist.checkpoint.resume import preflight_resume, read_train_state
     from moe_dist.config import ConfigError
-    from moe_dist.data.loader import build_data
+    from moe_dist.data.loader import build_data, check_same_data
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env
     from moe_dist.metrics import MetricsLog
@@ -103,8 +103,10 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_ep(cfg, world)
     _check_output_dir(cfg.checkpoint.output_dir)
-    preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
+    resume_path = preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    if resume_path is not None:  # ... and so does other data
+        check_same_data(read_train_state(resume_path).get("data"), data.fingerprint, str(resume_path))
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import CheckpointError
 
@@ -91,18 +91,53 @@ def leftovers(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(TMP_PREFIX + "checkpoint_step_") and ".tmp-" in p.name)
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp folder into place (replacing an older save of the same step)."""
+def publish(tmp: Path, final: Path, between_renames: Optional[Callable[[], None]] = None) -> None:
+    """Rename a finished temp folder into place (replacing an older save of the same step).
+
+    Replacing takes two renames (POSIX cannot swap folders atomically); a kill between them is
+    repaired by :func:`finish_interrupted_publish`. ``between_renames`` is a test hook."""
     if final.exists():
         # Same step saved again (e.g. a resumed run re-saving): keep the old one until the new one is in.
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        if between_renames is not None:
+            between_renames()
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def finish_interrupted_publish(root: Path) -> list[str]:
+    """Repair what a kill between :func:`publish`'s two renames leaves: ``checkpoint_step_<N>``
+    missing while its previous copy waits as ``checkpoint_step_<N>.old`` (and ``checkpoint_latest``
+    may point at the missing name). The new copy, a complete temp folder, is published if there is
+    one; otherwise the old copy is put back. A ``.old`` whose step folder exists is just removed.
+
+    Rank 0 only, before choosing a checkpoint to resume. Returns one line per repair, for the log."""
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for old in sorted(root.glob("checkpoint_step_*.old")):
+        final = old.with_name(old.name[: -len(".old")])
+        if not STEP_RE.match(final.name):
+            continue
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name} (left by an interrupted save; {final.name} is complete)")
+            continue
+        new = [t for t in leftovers(root) if t.name.startswith(f"{TMP_PREFIX}{final.name}.tmp-") and is_complete(t)]
+        if new:
+            os.replace(new[-1], final)
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"finished publishing {final.name} (a save was killed between its renames)")
+        else:
+            os.replace(old, final)
+            done.append(f"restored {final.name} from {old.name} (a save was killed between its renames)")
+        fsync_dir(root)
+    return done
 
 
 def point_latest(root: Path, target: Path) -> None:
@@ -140,6 +175,9 @@ def resolve_resume(spec: str, output_dir: str) -> Optional[Path]:
         ckpts = complete_checkpoints(root)
         return ckpts[-1][1] if ckpts else None
     path = Path(spec)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"--resume {spec}: the link points to {os.readlink(path)}, which does not exist (a save "
+                              "was interrupted); use --resume auto, which repairs it or takes the newest complete one")
     if not path.exists():
         raise CheckpointError(f"--resume {spec}: no such file or folder")
     if path.is_symlink() or path.name == LATEST:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..logging_utils import get_logger, warn_once
@@ -36,7 +36,9 @@ from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
 from .manifest import config_hash, write_manifest
+from .reader import CheckpointReader
 from .resume import choose_resume
+from ..data.loader import check_same_data
 from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
@@ -48,7 +50,8 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
     """Die here if the test harness asked for it: ``MOE_DIST_FAULT=<name>[@rank]``, optionally
     ``MOE_DIST_FAULT_STEP=<step>``. Points: ``after_step`` (every step, before its save), then, in
     a save, ``before_shards``, ``before_metadata``, ``after_metadata``, ``before_publish``,
-    ``before_latest``, ``after_latest``. Under torchrun only the first attempt dies, so a restarted
+    ``before_latest``, ``after_latest``, and ``between_renames`` (only when a step is saved again,
+    replacing its folder). Under torchrun only the first attempt dies, so a restarted
     job can show that it recovers."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
@@ -141,7 +144,7 @@ class CheckpointManager:
         return {
             "step": tr.state.step, "tokens": tr.state.tokens, "trainer": tr.state.state_dict(),
             "sampler": tr.sampler.state_dict(), "lr_schedule": tr.schedule.state_dict(),
-            "config": self.cfg.to_dict(), "tokenizer": self.tokenizer_spec,
+            "config": self.cfg.to_dict(), "tokenizer": self.tokenizer_spec, "data": tr.data.fingerprint,
             "metrics": {"last": hist[-1] if hist else None, "history": hist[-200:]},
             "topology": {"world_size": self.rt.world_size, "zero_stage": self.rt.zero_stage,
                          "ep_size": self.cfg.parallel.ep_size, "optimizer": self.rt.optimizer_kind},
@@ -212,7 +215,7 @@ class CheckpointManager:
                 write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
                                      "model_config_hash": config_hash(state["config"]["model"])})
                 fault_point("before_publish", step)
-                layout.publish(tmp, final)
+                layout.publish(tmp, final, between_renames=lambda: fault_point("between_renames", step))
                 fault_point("before_latest", step)
                 layout.point_latest(self.root, final)
                 fault_point("after_latest", step)
@@ -277,6 +280,8 @@ class CheckpointManager:
         choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
         if self.rt.is_main:
             try:
+                for line in layout.finish_interrupted_publish(self.root):
+                    self.log.warning(line)
                 path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning)
                 choice = (str(path) if path is not None else None, None)
             except CheckpointError as e:
@@ -295,6 +300,7 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = json.loads((path / layout.TRAIN_STATE).read_text())
+        check_same_data(saved.get("data"), self.trainer.data.fingerprint, str(path))
         template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path))
         topo = saved["topology"]
         same_topology = topo["world_size"] == self.rt.world_size
@@ -302,7 +308,8 @@ class CheckpointManager:
         if same_topology:
             template[rng_key] = torch.get_rng_state()
         try:
-            dcp.load(template, storage_reader=FileSystemReader(str(path)), process_group=self.pg)
+            # the .metadata pickle is read through an allow-list, never trusted
+            dcp.load(template, storage_reader=CheckpointReader(path), process_group=self.pg)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
             raise CheckpointError(f"{path}: cannot load the shards ({_reason(e)}); check it with "
                                   f"`moe-ckpt verify {path}` or resume from another checkpoint") from None

@@ -44,14 +44,19 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # no
                                      "so resume with the saved value")
 
 
-def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  # noqa: ANN401 - RunConfig
-    """Every check short of loading the shards; returns the parsed ``train_state.json``."""
-    verify_manifest(path, checksums=checksums)
+def read_train_state(path: Path) -> dict[str, Any]:
+    """``train_state.json`` of a checkpoint folder, parsed (JSON only: nothing is unpickled)."""
     try:
-        saved = json.loads((path / layout.TRAIN_STATE).read_text())
+        return json.loads((path / layout.TRAIN_STATE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / layout.TRAIN_STATE}: unreadable ({e.__class__.__name__}: {e}); "
                               "resume from another checkpoint") from None
+
+
+def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  # noqa: ANN401 - RunConfig
+    """Every check short of loading the shards; returns the parsed ``train_state.json``."""
+    verify_manifest(path, checksums=checksums)
+    saved = read_train_state(path)
     try:
         check_compatible(path, saved, cfg)
     except (KeyError, TypeError) as e:

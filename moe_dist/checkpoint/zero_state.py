@@ -112,12 +112,16 @@ def _prod(size: tuple[int, ...]) -> int:
 
 
 def read_saved_keys(path: str) -> SavedKeys:
-    """Keys and global sizes of a DCP checkpoint folder (``FileSystemReader(path).read_metadata()``)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """Keys and global sizes of a DCP checkpoint folder, from its ``.metadata`` (read without
+    trusting pickle: :class:`~moe_dist.checkpoint.reader.CheckpointReader`)."""
+    from pathlib import Path
+
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from .reader import CheckpointReader
+
     try:
-        md = FileSystemReader(str(path)).read_metadata()
+        md = CheckpointReader(Path(path)).read_metadata()
     except (OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read the DCP metadata ({e.__class__.__name__}: {e}); "
                               "is this a complete checkpoint folder?") from e

@@ -64,8 +64,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_ranks(args: Sequence[str], world_size: int, timeout: float, env: Optional[dict[str, str]] = None,
-              cwd: Optional[Path] = None, python: str = sys.executable) -> list[RankResult]:
+              cwd: Optional[Path] = None, python: str = sys.executable,
+              stop_on_failure: bool = True) -> list[RankResult]:
     """Start ``python *args`` once per rank and wait for all of them, at most ``timeout`` seconds.
+
+    ``stop_on_failure``: kill the other ranks as soon as one fails (they would hang in a
+    collective). Pass False where every rank is expected to fail by itself and each one's output
+    is checked: otherwise a rank can be killed before it has printed its own error.
 
     ``env`` entries are added to (and override) this process's environment. The repository root
     is put first on ``PYTHONPATH`` so ``-m tests.distributed.x`` and ``import moe_dist`` work.
@@ -90,7 +95,8 @@ def run_ranks(args: Sequence[str], world_size: int, timeout: float, env: Optiona
             for rank, proc in enumerate(procs):
                 if rank not in finished and proc.poll() is not None:
                     finished[rank] = time.monotonic() - started
-            if any(procs[r].returncode != 0 for r in finished) or time.monotonic() - started > timeout:
+            failed = stop_on_failure and any(procs[r].returncode != 0 for r in finished)
+            if failed or time.monotonic() - started > timeout:
                 break
             time.sleep(0.05)
     finally:

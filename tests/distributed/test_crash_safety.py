@@ -11,6 +11,7 @@ from a rank killed mid-training.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,10 +43,16 @@ FAULTS = [
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_dir(tmp_path_factory):
+    """An uninterrupted run: checkpoints at steps 2, 4 and 6."""
     out = tmp_path_factory.mktemp("crash") / "ref"
     train(out, 2, *ARGS)
-    rows = by_step(metrics(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    rows = by_step(metrics(reference_dir))
     assert sorted(rows) == list(range(1, STEPS + 1))
     return rows
 
@@ -155,3 +162,31 @@ def test_torchrun_restarts_from_newest_checkpoint(reference, tmp_path):
         assert rows[s]["loss"] == pytest.approx(reference[s]["loss"], abs=1e-5), f"step {s}"
     _assert_latest_is_complete(root, STEPS)
     print(f"torchrun with one restart: {time.monotonic() - t0:.1f}s")
+
+
+def test_kill_while_replacing_a_damaged_checkpoint(reference, reference_dir, tmp_path):
+    """The newest save (step 4) is bit-flipped, so --resume auto falls back to step 2 and saves step 4
+    again, replacing the damaged folder; SIGKILL between the two renames of that replacement. The
+    next --resume auto finishes the publish, resumes at step 4 and reproduces the reference bitwise."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_dir, out, symlinks=True)
+    root = out / "checkpoints"
+    shutil.rmtree(root / layout.step_dir_name(6))
+    layout.point_latest(root, root / layout.step_dir_name(4))
+    shard = sorted((root / layout.step_dir_name(4)).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+    res = train(out, 2, *ARGS, "--resume", "auto", env={"MOE_DIST_FAULT": "between_renames@0",
+                                                        "MOE_DIST_FAULT_STEP": "4"}, timeout=240, check=False)
+    assert res[0].returncode == -signal.SIGKILL, res[0].output[-2000:]
+    assert "skipping a damaged checkpoint" in res[0].output
+    assert (root / "checkpoint_step_4.old").is_dir() and not (root / layout.step_dir_name(4)).exists()
+
+    log = train(out, 2, *ARGS, "--resume", "auto", timeout=240)[0].output
+    assert "finished publishing checkpoint_step_4 (a save was killed between its renames)" in log, log[-3000:]
+    assert f"resumed from {root / layout.step_dir_name(4)} at step 4" in log
+    assert not (root / "checkpoint_step_4.old").exists()
+    _assert_latest_is_complete(root, STEPS)
+    _assert_same_losses(by_step(metrics(out)), reference)

@@ -83,3 +83,53 @@ def test_expert_audit(tmp_path):
     dcp.save(full, checkpoint_id=str(tmp_path / "missing"), no_dist=True)
     with pytest.raises(CheckpointError, match="experts missing from the checkpoint: layer 0 expert 1"):
         audit_experts(tmp_path / "missing", cfg)
+
+
+# ----------------------------------------------------------------------------- a kill inside publish()
+def _republish_cut(tmp_path, new_complete: bool):
+    """The state publish() leaves when killed between renaming step 4 aside and the new copy in."""
+    root = tmp_path / "checkpoints"
+    _fake_ckpt(root, 2)
+    old = _fake_ckpt(root, 4)
+    layout.point_latest(root, old)
+    new = layout.tmp_dir_for(root, 4, "new")
+    new.mkdir()
+    (new / layout.DCP_METADATA).write_bytes(b"new")
+    if new_complete:
+        (new / layout.TRAIN_STATE).write_text(json.dumps({"step": 4, "copy": "new"}))
+        write_manifest(new, {"step": 4})
+    old.rename(old.with_name(old.name + ".old"))
+    return root
+
+
+def test_interrupted_republish_publishes_the_complete_new_copy(tmp_path):
+    root = _republish_cut(tmp_path, new_complete=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint_latest: the link points to checkpoint_step_4, which does "
+                                              r"not exist \(a save was interrupted\); use --resume auto"):
+        layout.resolve_resume(str(root / layout.LATEST), str(tmp_path))
+    assert layout.finish_interrupted_publish(root) == [
+        "finished publishing checkpoint_step_4 (a save was killed between its renames)"]
+    step4 = root / layout.step_dir_name(4)
+    assert json.loads((step4 / layout.TRAIN_STATE).read_text())["copy"] == "new"
+    verify_manifest(step4)
+    assert layout.resolve_resume(str(root / layout.LATEST), str(tmp_path)) == step4.resolve()
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_2", "checkpoint_step_4"]
+    assert layout.finish_interrupted_publish(root) == []  # idempotent
+
+
+def test_interrupted_republish_without_a_complete_copy_restores_the_old_one(tmp_path):
+    root = _republish_cut(tmp_path, new_complete=False)
+    assert layout.finish_interrupted_publish(root) == [
+        "restored checkpoint_step_4 from checkpoint_step_4.old (a save was killed between its renames)"]
+    verify_manifest(root / layout.step_dir_name(4))
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [2, 4]
+    assert [p.name for p in layout.leftovers(root)] == [".checkpoint_step_4.tmp-new"]  # removed at the next save
+
+
+def test_a_superseded_old_copy_is_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_ckpt(root, 4)
+    (root / "checkpoint_step_4.old").mkdir()
+    assert layout.finish_interrupted_publish(root) == [
+        "removed checkpoint_step_4.old (left by an interrupted save; checkpoint_step_4 is complete)"]
+    assert not (root / "checkpoint_step_4.old").exists()

@@ -21,7 +21,8 @@ from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.config import ModelConfig, RunConfig, TrainConfig
-from moe_dist.consolidate import Checkpoint, CheckpointReader, ConsolidateError, build_parser, main, verify_output
+from moe_dist.checkpoint.reader import Checkpoint, CheckpointReader
+from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_output
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
 from moe_dist.model import MoETransformer
 

@@ -298,3 +298,41 @@ def test_sampler_load_mismatch_names_both_values():
         s.load_state_dict({"epoch": 0})
     with pytest.raises(DataError, match="fewer than train.global_batch_size"):
         GlobalCursorSampler(5, 8, seed=0)
+
+
+# ----------------------------------------------------------------------------- data fingerprint
+def test_fingerprint_tracks_the_blocks_not_the_object():
+    from moe_dist.data.loader import data_fingerprint
+
+    train, val = torch.arange(40 * 9).view(40, 9), torch.arange(5 * 9).view(5, 9)
+    fp = data_fingerprint(train, val)
+    assert fp == data_fingerprint(train.clone(), val.clone())
+    assert fp["train_blocks"] == 40 and fp["val_blocks"] == 5 and fp["block_tokens"] == 9
+    changed = train.clone()
+    changed[17, 3] += 1  # small data: every block is hashed, so any token counts
+    assert data_fingerprint(changed, val)["sha256"] != fp["sha256"]
+    assert data_fingerprint(val, train)["sha256"] != fp["sha256"]  # the split matters
+
+
+def test_fingerprint_of_large_data_hashes_a_bounded_sample(monkeypatch):
+    from moe_dist.data import loader
+
+    monkeypatch.setattr(loader, "FINGERPRINT_SAMPLES", 8)
+    train = torch.zeros(1000, 3, dtype=torch.long)
+    fp = loader.data_fingerprint(train, train[:10])
+    train[0, 0] = train[999, 2] = 7  # first and last blocks are always in the sample
+    assert loader.data_fingerprint(train, train[:10])["sha256"] != fp["sha256"]
+
+
+def test_other_data_is_refused_with_what_differs():
+    from moe_dist.data.loader import check_same_data
+
+    saved = {"train_blocks": 40, "val_blocks": 5, "block_tokens": 9, "sha256": "a" * 64}
+    check_same_data(saved, dict(saved), "ck")
+    check_same_data(None, saved, "ck")  # a checkpoint without a fingerprint
+    with pytest.raises(DataError, match=r"ck: the training data differs from the checkpoint's \(train_blocks: saved "
+                                        r"40, now 41\)\. .*resume with the same data"):
+        check_same_data(saved, dict(saved, train_blocks=41), "ck")
+    with pytest.raises(DataError, match=r"same block counts but other contents \(sha256 saved aaaaaaaaaaaa…, now "
+                                        r"bbbbbbbbbbbb…\)"):
+        check_same_data(saved, dict(saved, sha256="b" * 64), "ck")

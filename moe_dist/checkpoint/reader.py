@@ -1,0 +1,233 @@
+"""Read a DCP training checkpoint without a process group, DeepSpeed or pickle's trust.
+
+Used by ``moe-consolidate``, ``load_checkpoint`` / ``load_model_for_inference`` and training
+resume. Two things it does that plain ``FileSystemReader`` does not:
+
+* DCP's ``.metadata`` is a pickle. :class:`CheckpointReader` unpickles it with an allow-list
+  (DCP's own dataclasses and enums, torch dtypes/sizes, paths), so a crafted file cannot run code.
+* :class:`Checkpoint` checks the folder (manifest, train state, config, every model tensor present,
+  of the right size and covered exactly once by its chunks) and streams the model tensors in
+  bounded batches: peak memory is one batch, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from ..config import ConfigError, ModelConfig, RunConfig
+from . import layout
+from .audit import _coverage_ok
+from .errors import CheckpointError
+from .manifest import verify_manifest
+
+MODEL_PREFIX = "model."  # DCP keys of the model's parameters (optimizer states are "optim.*")
+DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
+Advance = Callable[[int], None]  # called with the bytes just read
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` without running code: only DCP's own classes, torch
+    dtypes/layouts/sizes and paths may be named (a crafted file cannot call anything else)."""
+
+    _TORCH = {"Size", "_get_layout"}
+    _OTHER = {*((m, c) for m in ("pathlib", "pathlib._local") for c in ("PosixPath", "WindowsPath", "PurePosixPath")),
+              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            obj = super().find_class(module, name)  # imports torch's own module, nothing else
+            if isinstance(obj, type) and obj.__module__ == module and (
+                    dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        elif module in ("torch", "torch.serialization"):
+            obj = getattr(torch if module == "torch" else torch.serialization, name, None)
+            if name in self._TORCH or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif (module, name) in self._OTHER:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+class CheckpointReader(FileSystemReader):
+    """FileSystemReader that reads ``.metadata`` once, through :class:`_SafeUnpickler`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self._metadata: Optional[Metadata] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            path = Path(self.path) / layout.DCP_METADATA
+            try:
+                with open(path, "rb") as f:
+                    md = _SafeUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+                raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+            if not isinstance(md, Metadata):
+                raise CheckpointError(f"{path}: not DCP metadata (found {type(md).__name__})")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            self._metadata = md
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ``state_dict`` entry: its shape, the DCP key holding it and, for a tied alias, the
+    entry whose storage it shares (the checkpoint stores a tied weight once)."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: str
+    alias_of: Optional[str] = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelLayout:
+    specs: list[TensorSpec]      # state_dict order
+    sd_metadata: Any  # the state_dict's ``_metadata`` (module versions, an OrderedDict), kept for the .pt
+
+    @property
+    def stored(self) -> list[TensorSpec]:
+        """Specs that own their storage (aliases excluded), in order."""
+        return [s for s in self.specs if s.alias_of is None]
+
+
+def model_layout(cfg: ModelConfig) -> ModelLayout:
+    """Names and shapes of ``MoETransformer(cfg).state_dict()``, from a meta-device model (no memory)."""
+    from ..model import MoETransformer
+
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    param_name = {id(p): n for n, p in model.named_parameters()}  # deduplicated: a tied weight once
+    sd = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    specs = []
+    for name, t in sd.items():
+        owner = first.setdefault(id(t), name)
+        specs.append(TensorSpec(name, tuple(t.shape), MODEL_PREFIX + param_name.get(id(t), name),
+                                None if owner == name else owner))
+    return ModelLayout(specs, getattr(sd, "_metadata", None))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, ``checkpoint_latest`` or a run folder (its newest complete checkpoint)."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / layout.DCP_METADATA).exists():
+        found = layout.resolve_resume("auto", str(p))
+        if found is None:
+            raise CheckpointError(f"{path}: run folder without a complete checkpoint under {p / 'checkpoints'}")
+        return found
+    try:
+        return layout.resolve_resume(str(p), str(p.parent))
+    except CheckpointError as e:  # same checks as --resume; drop the flag name from the message
+        raise CheckpointError(str(e).replace("--resume ", "", 1)) from None
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    path = folder / layout.TRAIN_STATE
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"]), state["config"]["model"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable train state ({e.__class__.__name__}: {e})") from None
+    return state
+
+
+def run_config(config: dict[str, Any], where: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: the stored config is not valid for this moe_dist ({e})") from None
+
+
+class Checkpoint:
+    """A verified DCP checkpoint folder whose model tensors can be read in bounded batches."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
+        self.folder = resolve_checkpoint(path)
+        if verify:
+            verify_manifest(self.folder)
+        self.state = read_train_state(self.folder)
+        self.step = int(self.state["step"])
+        self.config = run_config(self.state["config"], self.folder / layout.TRAIN_STATE)
+        self.layout = model_layout(self.config.model)
+        self.reader = CheckpointReader(self.folder)
+        self.metadata = self.reader.read_metadata().state_dict_metadata
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        want = {s.source: s for s in self.layout.stored}
+        missing = [k for k in want if k not in self.metadata]
+        extra = sorted(k for k in self.metadata if k.startswith(MODEL_PREFIX) and k not in want)
+        for what, keys in (("lacks", missing), ("has unexpected", extra)):
+            if keys:
+                raise CheckpointError(f"{self.folder}: checkpoint {what} model tensors for its stored config: "
+                                      f"{', '.join(keys[:5])}{' …' if len(keys) > 5 else ''} "
+                                      "(written by another moe_dist version or architecture?)")
+        for key, spec in want.items():
+            md = self.metadata[key]
+            if not isinstance(md, TensorStorageMetadata):
+                raise CheckpointError(f"{self.folder}: {key} is not a tensor in the DCP metadata")
+            if math.prod(md.size) != spec.numel:
+                raise CheckpointError(f"{self.folder}: {key} has {math.prod(md.size)} elements, the model's "
+                                      f"{spec.name} {list(spec.shape)} needs {spec.numel}")
+            ok, why = _coverage_ok(md)
+            if not ok:
+                raise CheckpointError(f"{self.folder}: {key} is not covered exactly once by its chunks ({why})")
+
+    def stored_dtype(self, spec: TensorSpec) -> torch.dtype:
+        return self.metadata[spec.source].properties.dtype
+
+    def load(self, dests: dict[str, torch.Tensor]) -> None:
+        """One ``dcp.load`` of DCP keys into destinations of their stored shape (any device or dtype:
+        e.g. views of a model's parameters); DCP reads just the chunks and byte ranges they need."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(dests, storage_reader=self.reader, no_dist=True)
+
+    def iter_tensors(self, specs: list[TensorSpec], budget: int = DEFAULT_READ_BUDGET,
+                     progress: Optional[Advance] = None) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """(spec, tensor shaped like the parameter, in the stored dtype), in order, read ``budget``
+        bytes (or one larger tensor) per ``dcp.load``.
+
+        Every tensor is a view into one buffer reused from batch to batch: it is valid until the
+        next one is requested (clone it to keep it). So memory is one buffer, whatever the
+        consumer and malloc do, and no page is faulted in twice."""
+        batches: list[list[tuple[TensorSpec, int, int]]] = [[]]  # (spec, byte offset, nbytes)
+        size = 0
+        for spec in specs:
+            nbytes = spec.numel * self.stored_dtype(spec).itemsize
+            if batches[-1] and size + nbytes > budget:
+                batches.append([])
+                size = 0
+            batches[-1].append((spec, size, nbytes))
+            size += -(-nbytes // 64) * 64  # keep every view 64-byte aligned
+        buf_U8 = torch.empty(max((o + n for b in batches for _, o, n in b), default=0), dtype=torch.uint8)
+        for batch in batches:
+            dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)).view(self.metadata[s.source].size)
+                     for s, o, n in batch}  # shaped as stored (flat [numel] from the trainer)
+            self.load(dests)
+            for s, _, n in batch:
+                if progress:
+                    progress(n)
+                yield s, dests[s.source].view(s.shape)
