@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..config import ModelConfig
 from .errors import CheckpointError
+from .reader import CheckpointReader, chunks_tile
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.ffn\.experts\.(\d+)\.(.+)$")
 
@@ -27,24 +27,9 @@ def expected_expert_params(cfg: ModelConfig) -> dict[str, int]:
     return {f"{m}.weight": d * f for m in mats}
 
 
-def _coverage_ok(meta: TensorStorageMetadata) -> tuple[bool, str]:
-    """Chunks of a flattened (1-D) tensor must tile [0, numel) with no gap or overlap."""
-    numel = math.prod(meta.size)
-    spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in meta.chunks if len(c.sizes) == 1)
-    if len(spans) != len(meta.chunks):
-        total = sum(math.prod(c.sizes) for c in meta.chunks)
-        return total == numel, f"{total} of {numel} elements"
-    pos = 0
-    for start, end in spans:
-        if start != pos:
-            return False, f"{'gap' if start > pos else 'overlap'} at element {min(start, pos)}"
-        pos = end
-    return pos == numel, f"covers {pos} of {numel} elements"
-
-
 def audit_experts(folder: Path, cfg: ModelConfig) -> dict[str, Any]:
     """Raise CheckpointError unless every (layer, expert, matrix) is present once with full coverage."""
-    md = FileSystemReader(str(folder)).read_metadata()
+    md = CheckpointReader(Path(folder)).read_metadata()  # untrusted under `moe-ckpt verify`: allow-list unpickling
     want = expected_expert_params(cfg)
     seen: dict[tuple[int, int], set[str]] = {}
     for key, meta in md.state_dict_metadata.items():
@@ -59,7 +44,7 @@ def audit_experts(folder: Path, cfg: ModelConfig) -> dict[str, Any]:
                                   f"{cfg.num_experts} experts and {cfg.n_layers} layers")
         if suffix in want and math.prod(meta.size) != want[suffix]:
             raise CheckpointError(f"{folder}: {key} has {math.prod(meta.size)} elements, expected {want[suffix]}")
-        ok, why = _coverage_ok(meta)
+        ok, why = chunks_tile(meta)
         if not ok:
             raise CheckpointError(f"{folder}: expert tensor {key} is not covered exactly once ({why})")
         seen.setdefault((layer, expert), set()).add(suffix)

@@ -30,13 +30,27 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from . import layout
-from .audit import _coverage_ok
 from .errors import CheckpointError
 from .manifest import verify_manifest
 
 MODEL_PREFIX = "model."  # DCP keys of the model's parameters (optimizer states are "optim.*")
 DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
 Advance = Callable[[int], None]  # called with the bytes just read
+
+
+def chunks_tile(meta: TensorStorageMetadata) -> tuple[bool, str]:
+    """Chunks of a flattened (1-D) tensor must tile [0, numel) with no gap or overlap."""
+    numel = math.prod(meta.size)
+    spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in meta.chunks if len(c.sizes) == 1)
+    if len(spans) != len(meta.chunks):
+        total = sum(math.prod(c.sizes) for c in meta.chunks)
+        return total == numel, f"{total} of {numel} elements"
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            return False, f"{'gap' if start > pos else 'overlap'} at element {min(start, pos)}"
+        pos = end
+    return pos == numel, f"covers {pos} of {numel} elements"
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -191,7 +205,7 @@ class Checkpoint:
             if math.prod(md.size) != spec.numel:
                 raise CheckpointError(f"{self.folder}: {key} has {math.prod(md.size)} elements, the model's "
                                       f"{spec.name} {list(spec.shape)} needs {spec.numel}")
-            ok, why = _coverage_ok(md)
+            ok, why = chunks_tile(md)
             if not ok:
                 raise CheckpointError(f"{self.folder}: {key} is not covered exactly once by its chunks ({why})")
 

@@ -173,3 +173,32 @@ def test_help_and_console_script():
     if os.path.exists(script):
         proc = subprocess.run([script, "verify", "/no/such/path"], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr == "error: /no/such/path: no such file or folder\n"
+
+
+class _Evil:
+    """Unpickling this would create ``marker``: the attack a crafted ``.metadata`` could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_verify_and_resume_never_unpickle_code_from_metadata(run, tmp_path, capsys):
+    """DCP's ``.metadata`` is a pickle; a checkpoint from someone else may carry a crafted one with a
+    matching manifest. ``moe-ckpt verify`` and the resume path read it through the allow-list."""
+    import pickle
+
+    from moe_dist.checkpoint.errors import CheckpointError
+    from moe_dist.checkpoint.zero_state import read_saved_keys
+
+    folder = layout.checkpoints_dir(str(run)) / layout.step_dir_name(10)
+    marker = tmp_path / "pwned"
+    (folder / layout.DCP_METADATA).write_bytes(pickle.dumps(_Evil(marker)))
+    write_manifest(folder, {"step": 10, "tokens": 3840, "topology": {}})
+    code, _, err = cli(capsys, "verify", str(folder))
+    assert code == 1 and "refusing to unpickle io.open" in err, err
+    with pytest.raises(CheckpointError, match="refusing to unpickle io.open"):
+        read_saved_keys(str(folder))  # what the trainer's resume reads first
+    assert not marker.exists()
