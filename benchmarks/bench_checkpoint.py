@@ -22,7 +22,12 @@ WORLD = 2
 
 
 def sizes_for(ctx: Context) -> list[str]:
-    return ["tiny", "30m"] if ctx.quick else ["tiny", "30m", "100m"]
+    return ["tiny", "30m"] if ctx.quick else ["tiny", "30m", "100m", "300m"]
+
+
+def reps_for(ctx: Context, size: str) -> int:
+    """Interleaved repetitions: 3 in quick mode, 7 in full mode, 3 for the ~300M model (a few GB a save)."""
+    return 3 if ctx.quick or size == "300m" else 7
 
 
 def _worker(ctx: Context, size: str, mode: str, world: int, reps: int, *extra: str,
@@ -70,10 +75,10 @@ def summarize(bench: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run(ctx: Context) -> Section:
     sec = Section(TITLE)
-    reps = 3 if ctx.quick else 7
     summaries: dict[str, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
     for size in sizes_for(ctx):
+        reps = reps_for(ctx, size)
         print(f"  {size}: 2 ranks, {reps} interleaved repetitions", flush=True)
         res = _worker(ctx, size, "bench", WORLD, reps)
         remember_checkpoint(ctx, size, Path(res["bench"]["checkpoint"]))
@@ -102,7 +107,8 @@ def run(ctx: Context) -> Section:
                            ratio(bare["save"], ours["save"])])
     sec.table(["size", "contender", "MB", "save s", "save s range", "save MB/s", "load s", "load s range",
                "load MB/s", "save time / ours", "load time / ours"], rows,
-              caption=f"median of {reps} interleaved repetitions; 'ours' = CheckpointManager.save/.load "
+              caption=f"median of {', '.join(f'{reps_for(ctx, z)} ({z})' for z in summaries)} interleaved "
+                      "repetitions; 'ours' = CheckpointManager.save/.load "
                       "(DCP shards + train_state.json + SHA-256 manifest; load checks sizes and SHA-256 first)")
     sec.table(["size", "params", "DeepSpeed save / ours", "torch.save / ours", "DeepSpeed load / ours",
                "torch.load / ours", "ours save MB/s / raw write MB/s", "bare DCP save / ours"], ratio_rows,

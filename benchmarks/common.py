@@ -36,6 +36,8 @@ SIZES: dict[str, list[str]] = {
     "30m": ["--preset", "100m", "--set", "model.d_model=384", "--set", "model.n_layers=4",
             "--set", "model.d_ff=768"],
     "100m": ["--preset", "100m"],
+    "300m": ["--preset", "100m", "--set", "model.d_model=768", "--set", "model.n_layers=8",
+             "--set", "model.d_ff=1920", "--set", "model.n_heads=12"],
 }
 
 
