@@ -13,12 +13,14 @@ step travels on a separate control group: two threads must never share one gloo 
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
 
@@ -56,6 +58,22 @@ class _AlreadyStaged:
         pass
 
 
+def _then(fut: Any, fn: Optional[Callable[[], Any]]) -> concurrent.futures.Future:
+    """A future that completes with ``fn()``, run on the thread that completes ``fut`` (DCP's
+    writer), or with ``fut``'s exception; ``fn`` None gives ``fut``'s result as is."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: Any) -> None:
+        try:
+            value = f.result() if hasattr(f, "result") else f.wait()
+            out.set_result(fn() if fn is not None else value)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by _finish
+            out.set_exception(e)
+
+    fut.add_done_callback(done)
+    return out
+
+
 @dataclass
 class PendingSave:
     future: Any
@@ -69,18 +87,21 @@ class AsyncCheckpointWriter:
         self.pending: Optional[PendingSave] = None
 
     def start(self, state_dict: dict[str, Any], storage_writer: Any, step: int,
-              on_complete: Callable[[Optional[str]], Any]) -> None:
+              on_complete: Callable[[Optional[str], Any], Any],
+              after_write: Optional[Callable[[], Any]] = None) -> None:
         """Copy the state (the only blocking part), then write it in the background.
 
-        ``on_complete(error_or_None)`` runs on every rank when the write is over (from ``poll``/``wait``,
-        in the training thread): it publishes the checkpoint or raises.
+        ``after_write()`` runs on the writer thread once this rank's shards are written (hashing
+        them for the manifest, off the training thread). ``on_complete(error_or_None, its result)``
+        runs on every rank when the write is over (from ``poll``/``wait``, in the training thread):
+        it publishes the checkpoint or raises.
         """
         self.wait()
         staged = staged_copy(state_dict, self.group)
         fut = dcp.async_save(staged, storage_writer=storage_writer, process_group=self.group,
                              async_stager=_AlreadyStaged())
         fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in newer torch, Future before
-        self.pending = PendingSave(fut, step, on_complete)
+        self.pending = PendingSave(_then(fut, after_write), step, on_complete)
 
     def _all_done(self) -> bool:
         done = torch.tensor([1 if self.pending is not None and self.pending.future.done() else 0])
@@ -103,9 +124,10 @@ class AsyncCheckpointWriter:
     def _finish(self) -> None:
         pending, self.pending = self.pending, None
         assert pending is not None
+        result, err = None, None
         try:
-            pending.future.result()
-            err = None
-        except Exception as e:  # noqa: BLE001 - a write error (disk full...) on this rank; every rank hears of it
+            result = pending.future.result()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a write error (disk full...) on this
+            # rank; every rank hears of it. DCP's CheckpointException derives from BaseException.
             err = f"{e.__class__.__name__}: {e}".splitlines()[0]
-        pending.on_complete(err)
+        pending.on_complete(err, result)

@@ -35,7 +35,7 @@ from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
-from .manifest import config_hash, write_manifest
+from .manifest import config_hash, own_shard_entries, write_manifest
 from .reader import CheckpointReader
 from .resume import choose_resume
 from ..data.loader import check_same_data
@@ -188,7 +188,9 @@ class CheckpointManager:
         fault_point("before_shards", step)
         writer = _FaultingWriter(str(tmp), step, sync_files=True)
         if self.writer is not None:
-            self.writer.start(sd, writer, step, lambda e: self._publish(step, tmp, final, state, e, t0, stall))
+            self.writer.start(sd, writer, step,
+                              lambda e, own: self._publish(step, tmp, final, state, e, t0, stall, own),
+                              after_write=lambda: own_shard_entries(tmp, self._group_rank()))
             stall = time.perf_counter() - t0  # read by the lambda when the write completes
             self.log.info(f"checkpoint_step_{step}: shards staged in {stall:.2f}s, writing in the background")
             return final
@@ -198,22 +200,34 @@ class CheckpointManager:
             err = _reason(e)
         return self._publish(step, tmp, final, state, err, t0, time.perf_counter() - t0)
 
+    def _group_rank(self) -> int:
+        """This rank's index in the checkpoint group: DCP names its shard files after it."""
+        return dist.get_rank(self.pg) if self.pg is not None else 0
+
     def _publish(self, step: int, tmp: Path, final: Path, state: Optional[dict[str, Any]], err: Optional[str],
-                 t0: float, stall: float) -> Path:
-        """After every rank's shards are written: metadata check, manifest, rename, pointer (rank 0)."""
-        errs = [None] * (dist.get_world_size(self.pg) if self.pg is not None else 1)
+                 t0: float, stall: float, own: Optional[dict[str, Any]] = None) -> Path:
+        """After every rank's shards are written: manifest (each rank hashed its own shards: ``own``,
+        computed here for a synchronous save, on the writer thread for an async one), audit, rename,
+        pointer (rank 0)."""
+        if err is None and own is None:
+            try:
+                own = own_shard_entries(tmp, self._group_rank())
+            except OSError as e:
+                err = _reason(e)
+        reports: list[Any] = [(err, own)]
         if self.pg is not None:
-            dist.all_gather_object(errs, err, group=self.pg)  # also the barrier: all shards are durable
-        else:
-            errs = [err]
-        err = next((e for e in errs if e), None)
+            reports = [None] * dist.get_world_size(self.pg)
+            dist.all_gather_object(reports, (err, own), group=self.pg)  # also the barrier: all shards are durable
+        err = next((e for e, _ in reports if e), None)
+        hashed = {name: entry for _, entries in reports for name, entry in (entries or {}).items()}
         if err is None and self.rt.is_main:
             try:
                 assert state is not None
                 layout.write_file_atomic(tmp / layout.TRAIN_STATE, json.dumps(state, indent=1).encode())
                 audit_experts(tmp, self.cfg.model)
                 write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
-                                     "model_config_hash": config_hash(state["config"]["model"])})
+                                     "model_config_hash": config_hash(state["config"]["model"])},
+                               precomputed=hashed)
                 fault_point("before_publish", step)
                 layout.publish(tmp, final, between_renames=lambda: fault_point("between_renames", step))
                 fault_point("before_latest", step)

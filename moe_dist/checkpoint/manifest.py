@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import CheckpointError
 from .layout import MANIFEST, write_file_atomic
@@ -34,11 +34,31 @@ def config_hash(model_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def own_shard_entries(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of the shard files this rank wrote (DCP's FileSystemWriter names them
+    ``__<rank in the save's group>_<n>.distcp``).
+
+    Every rank hashes its own shards right after writing them, in parallel, instead of rank 0
+    reading the whole checkpoint back: on N ranks the manifest then costs about 1/N of a full pass
+    (at B200 scale, a 140 GB checkpoint is minutes for one reader). Should DCP ever name its files
+    differently, nothing matches here and rank 0 hashes everything, as before: slower, still right."""
+    return {p.name: file_entry(p) for p in sorted(folder.glob(f"__{rank}_*.distcp")) if p.is_file()}
+
+
+def write_manifest(folder: Path, info: dict[str, Any],
+                   precomputed: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """Write ``manifest.json`` for every file of ``folder``; ``precomputed`` entries (from
+    :func:`own_shard_entries` on each rank) are used for files whose size still matches, the rest
+    are hashed here."""
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            known = (precomputed or {}).get(p.name)
+            files[p.name] = known if known is not None and known["size"] == p.stat().st_size else file_entry(p)
     manifest = {"format": "moe_dist-dcp", "format_version": FORMAT_VERSION, **info, "files": files}
     write_file_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest

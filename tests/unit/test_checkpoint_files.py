@@ -133,3 +133,25 @@ def test_a_superseded_old_copy_is_removed(tmp_path):
     assert layout.finish_interrupted_publish(root) == [
         "removed checkpoint_step_4.old (left by an interrupted save; checkpoint_step_4 is complete)"]
     assert not (root / "checkpoint_step_4.old").exists()
+
+
+# ----------------------------------------------------------------------------- manifest hashed by every rank
+def test_manifest_uses_each_ranks_own_hashes_and_rehashes_what_does_not_match(tmp_path, monkeypatch):
+    from moe_dist.checkpoint import manifest
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    for name, data in [("__0_0.distcp", b"a" * 100), ("__1_0.distcp", b"b" * 50), ("__1_1.distcp", b"c" * 7),
+                       (".metadata", b"m")]:
+        (folder / name).write_bytes(data)
+    own = [manifest.own_shard_entries(folder, r) for r in (0, 1)]
+    assert [sorted(o) for o in own] == [["__0_0.distcp"], ["__1_0.distcp", "__1_1.distcp"]]
+    hashed: list[str] = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    stale = dict(own[1]["__1_1.distcp"], size=999)  # a precomputed entry for another size is not trusted
+    written = manifest.write_manifest(folder, {"step": 1}, precomputed={**own[0], **own[1], "__1_1.distcp": stale})
+    assert sorted(hashed) == [".metadata", "__1_1.distcp"]  # only what no rank hashed (or hashed stale)
+    assert written["files"]["__1_0.distcp"] == own[1]["__1_0.distcp"]
+    monkeypatch.setattr(manifest, "sha256_file", real)
+    verify_manifest(folder)  # every entry, precomputed or not, is right
