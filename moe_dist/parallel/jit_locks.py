@@ -50,8 +50,8 @@ def warn_stale_build_locks(log=None) -> list[tuple[Path, float]]:
     """Print one actionable line per stale lock (to ``log`` or stderr); returns what it found."""
     found = stale_build_locks()
     for lock, age in found:
-        msg = (f"warning: {lock} is {age / 60:.0f} min old. It is the build lock of a DeepSpeed/torch JIT op "
+        msg = (f"{lock} is {age / 60:.0f} min old. It is the build lock of a DeepSpeed/torch JIT op "
                f"whose build was probably killed; DeepSpeed will wait on it forever. If no other process is "
                f"building that op, delete the file (rm {lock}) and start again.")
-        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+        (log or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)))(msg)
     return found
