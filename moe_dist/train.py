@@ -88,7 +88,8 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     import signal
 
     from moe_dist.checkpoint.manager import CheckpointManager
-    from moe_dist.checkpoint.resume import preflight_resume, read_train_state
+    from moe_dist.checkpoint.reader import read_train_state
+    from moe_dist.checkpoint.resume import preflight_resume
     from moe_dist.config import ConfigError
     from moe_dist.data.loader import build_data, check_same_data
     from moe_dist.data.sampler import GlobalCursorSampler

@@ -30,15 +30,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..data.loader import check_same_data
 from ..logging_utils import get_logger, warn_once
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
 from .manifest import config_hash, own_shard_entries, write_manifest
-from .reader import CheckpointReader
+from .reader import CheckpointReader, read_train_state
 from .resume import choose_resume
-from ..data.loader import check_same_data
 from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
@@ -313,7 +313,7 @@ class CheckpointManager:
 
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
-        saved = json.loads((path / layout.TRAIN_STATE).read_text())
+        saved = read_train_state(path)
         check_same_data(saved.get("data"), self.trainer.data.fingerprint, str(path))
         template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path))
         topo = saved["topology"]

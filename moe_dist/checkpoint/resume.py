@@ -15,7 +15,6 @@ process group exists; ``--no-verify`` skips it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +23,7 @@ from ..config import architecture_diff
 from . import layout
 from .errors import CheckpointError, IncompatibleCheckpoint
 from .manifest import verify_manifest
+from .reader import read_train_state
 
 # Model fields that change how a model trains, not its shapes: a resume may change them.
 TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
@@ -42,15 +42,6 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # no
         raise IncompatibleCheckpoint(f"{path}: saved with train.global_batch_size={g_saved}, requested "
                                      f"{cfg.train.global_batch_size}; the data cursor counts global batches, "
                                      "so resume with the saved value")
-
-
-def read_train_state(path: Path) -> dict[str, Any]:
-    """``train_state.json`` of a checkpoint folder, parsed (JSON only: nothing is unpickled)."""
-    try:
-        return json.loads((path / layout.TRAIN_STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / layout.TRAIN_STATE}: unreadable ({e.__class__.__name__}: {e}); "
-                              "resume from another checkpoint") from None
 
 
 def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  # noqa: ANN401 - RunConfig
