@@ -219,6 +219,20 @@ def _assert_failed_save_left_step2_intact(out: Path, line: str, reason: str) -> 
     assert layout.leftovers(root) == []  # the failed temp folder was removed
 
 
+def _rank0_reports_save_failure(res) -> str:  # noqa: ANN001 - list[RankResult]
+    """A failed save raises the same error on every rank; rank 0 prints it, the others exit 2 quietly.
+
+    The harness kills the other ranks as soon as one exits (as torchrun does), so this also
+    checks that no rank can exit before rank 0 has printed (they meet at a barrier in shutdown).
+    """
+    codes = [r.returncode for r in res]
+    assert set(codes) <= {2, None} and 2 in codes, "\n".join(r.output[-3000:] for r in res)
+    assert all("Traceback" not in r.output for r in res), "\n".join(r.output[-3000:] for r in res)
+    for r in res[1:]:
+        assert not [ln for ln in r.output.splitlines() if ln.startswith("error")], r.output[-3000:]
+    return error_line(res[0].output)
+
+
 def test_full_disk_during_save(good_run, tmp_path):
     """A tmpfs that holds one checkpoint and a half: the step-2 save fits, the step-4 one cannot."""
     ckpt_bytes = sum(p.stat().st_size for p in _ckpt(good_run).iterdir())
@@ -228,16 +242,11 @@ def test_full_disk_during_save(good_run, tmp_path):
     try:
         out = mnt / "run"
         res = train(out, 2, "--max-steps", "6", "--save-every", "2", timeout=180, check=False)
-        # every rank raises the same error and exits 2; the harness kills whichever is still
-        # shutting down when the other has exited (returncode None)
-        codes = [r.returncode for r in res]
-        assert set(codes) <= {2, None} and 2 in codes, res[0].output[-3000:]
-        line = error_line(next(r.output for r in res if r.returncode == 2))  # a killed rank may not have printed
+        line = _rank0_reports_save_failure(res)
         # which rank hits the wall first varies: its open() fails (ENOSPC), or torch.save's writer comes up short
         assert ("No space left on device" in line or "a shard file was written short" in line), line
         assert "MiB free there" in line, line
         _assert_failed_save_left_step2_intact(out, line, "rank ")
-        assert all("Traceback" not in r.output for r in res)
     finally:
         _umount(mnt)
 
@@ -250,9 +259,10 @@ import os, resource, runpy, signal, sys
 import moe_dist.checkpoint.manager as manager
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit, at_step = int(os.environ["TEST_FSIZE_LIMIT"]), int(os.environ["TEST_FSIZE_STEP"])
+on_rank = os.environ.get("TEST_FSIZE_RANK", os.environ.get("RANK", "0"))
 save = manager.CheckpointManager.save
 def limited_save(self):
-    if self.trainer.state.step >= at_step:
+    if self.trainer.state.step >= at_step and os.environ.get("RANK", "0") == on_rank:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     return save(self)
 manager.CheckpointManager.save = limited_save
@@ -261,13 +271,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_file_size_limit_during_save(good_run, tmp_path):
-    """The same failure without a mount: shard writes of the step-4 save hit a file-size limit."""
+@pytest.mark.parametrize("world", [1, 2])
+def test_file_size_limit_during_save(good_run, tmp_path, world):
+    """The same failure without a mount: shard writes of the step-4 save hit a file-size limit.
+
+    With 2 ranks only rank 1's writes are limited: rank 0 learns of it through DCP, reports it
+    (naming rank 1), and is not killed before it has, although rank 1 has nothing to print."""
     out = tmp_path / "run"
     argv = ["-c", _FSIZE_WRAPPER, TRAIN, "--deepspeed-config", CPU_JSON, *FAST, "--output-dir", str(out),
             "--max-steps", "6", "--save-every", "2"]
-    limit = _shard(good_run).stat().st_size // 2
-    res = run_ranks(argv, 1, timeout=180, env={"TEST_FSIZE_LIMIT": str(limit), "TEST_FSIZE_STEP": "4"})
-    assert res[0].returncode == 2, res[0].output[-3000:]
+    limit = _shard(good_run).stat().st_size // 8  # below any rank's shard of this model
+    env = {"TEST_FSIZE_LIMIT": str(limit), "TEST_FSIZE_STEP": "4", "TEST_FSIZE_RANK": str(world - 1)}
+    res = run_ranks(argv, world, timeout=180, env=env)
+    line = _rank0_reports_save_failure(res)
     # torch.save's zip writer swallows the EFBIG and reports a short write
-    _assert_failed_save_left_step2_intact(out, error_line(res[0].output), "a shard file was written short")
+    _assert_failed_save_left_step2_intact(out, line, "a shard file was written short")
+    if world == 2:
+        assert "failed: rank 1: " in line, line
