@@ -315,15 +315,17 @@ class CheckpointManager:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = read_train_state(path)
         check_same_data(saved.get("data"), self.trainer.data.fingerprint, str(path))
-        template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path))
+        # one reader for the key check and the load: the .metadata pickle is parsed once, through an
+        # allow-list, never trusted
+        reader = CheckpointReader(path)
+        template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path), reader=reader)
         topo = saved["topology"]
         same_topology = topo["world_size"] == self.rt.world_size
         rng_key = f"rng.rank{self.rt.rank}.torch"
         if same_topology:
             template[rng_key] = torch.get_rng_state()
         try:
-            # the .metadata pickle is read through an allow-list, never trusted
-            dcp.load(template, storage_reader=CheckpointReader(path), process_group=self.pg)
+            dcp.load(template, storage_reader=reader, process_group=self.pg)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
             raise CheckpointError(f"{path}: cannot load the shards ({_reason(e)}); check it with "
                                   f"`moe-ckpt verify {path}` or resume from another checkpoint") from None

@@ -111,9 +111,12 @@ def _prod(size: tuple[int, ...]) -> int:
     return out
 
 
-def read_saved_keys(path: str) -> SavedKeys:
+def read_saved_keys(path: str, reader: Any = None) -> SavedKeys:
     """Keys and global sizes of a DCP checkpoint folder, from its ``.metadata`` (read without
-    trusting pickle: :class:`~moe_dist.checkpoint.reader.CheckpointReader`)."""
+    trusting pickle: :class:`~moe_dist.checkpoint.reader.CheckpointReader`).
+
+    ``reader``: a ``CheckpointReader`` of ``path`` that the caller then hands to ``dcp.load``; it
+    keeps the parsed metadata, so a resume unpickles ``.metadata`` once, not twice."""
     from pathlib import Path
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -121,7 +124,7 @@ def read_saved_keys(path: str) -> SavedKeys:
     from .reader import CheckpointReader
 
     try:
-        md = CheckpointReader(Path(path)).read_metadata()
+        md = (reader or CheckpointReader(Path(path))).read_metadata()
     except (OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read the DCP metadata ({e.__class__.__name__}: {e}); "
                               "is this a complete checkpoint folder?") from e
@@ -257,14 +260,15 @@ def zero_state_dict(engine: Any, key_fn: KeyFn = _identity, *, group: Any = None
 
 # ----------------------------------------------------------------------------- load
 def zero_load_template(engine: Any, key_fn: KeyFn = _identity, checkpoint_path: Optional[str] = None, *,
-                       load_optimizer: bool = True, group: Any = None) -> dict[str, Any]:
+                       load_optimizer: bool = True, group: Any = None, reader: Any = None) -> dict[str, Any]:
     """The state dict ``dcp.load`` fills in place: this rank's destination fragments, same keys.
 
     With ``checkpoint_path`` the template is cut to what the checkpoint holds: a missing model
     key raises :class:`CheckpointError` naming it and the path; optimizer keys the checkpoint
     lacks are skipped (warned once), and a checkpoint without any (saved before the first step)
     loads weights only. Optimizer states the fresh engine lacks are materialised first (see
-    ``materialize_optimizer_states``). Collective: all ranks call it.
+    ``materialize_optimizer_states``). ``reader``: see :func:`read_saved_keys`. Collective: all
+    ranks call it.
     """
     _key_fns[engine] = key_fn
     tensors: dict[str, tuple[torch.Tensor, int, int]] = {}
@@ -272,7 +276,7 @@ def zero_load_template(engine: Any, key_fn: KeyFn = _identity, checkpoint_path: 
     skipped: list[str] = []
     error: Optional[BaseException] = None
     try:
-        saved = read_saved_keys(checkpoint_path) if checkpoint_path is not None else None
+        saved = read_saved_keys(checkpoint_path, reader) if checkpoint_path is not None else None
         want_optim = load_optimizer and (saved is None or saved.has_optimizer_states)
         if want_optim and not has_optimizer_states(engine):
             materialize_optimizer_states(engine)
