@@ -27,6 +27,7 @@ import pytest
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.manifest import verify_manifest
 
+from ..corrupt import flip_bits
 from .harness import run_ranks
 from .trainrun import CPU_JSON, FAST, TRAIN, train
 
@@ -91,10 +92,7 @@ def _truncate(run: Path) -> None:
 
 
 def _flip_bit(run: Path) -> None:
-    shard = _shard(run)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    shard.write_bytes(bytes(data))
+    flip_bits(_shard(run), mask=0x10)
 
 
 def _drop_manifest(run: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.manifest import verify_manifest
 
+from ..corrupt import flip_bits
 from .harness import REPO_ROOT, free_port
 from .trainrun import CPU_JSON, FAST, TRAIN, by_step, metrics, train
 
@@ -174,9 +175,7 @@ def test_kill_while_replacing_a_damaged_checkpoint(reference, reference_dir, tmp
     shutil.rmtree(root / layout.step_dir_name(6))
     layout.point_latest(root, root / layout.step_dir_name(4))
     shard = sorted((root / layout.step_dir_name(4)).glob("*.distcp"))[0]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_bits(shard)
 
     res = train(out, 2, *ARGS, "--resume", "auto", env={"MOE_DIST_FAULT": "between_renames@0",
                                                         "MOE_DIST_FAULT_STEP": "4"}, timeout=240, check=False)

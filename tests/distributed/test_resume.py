@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from ..corrupt import flip_bits
 from .trainrun import by_step, metrics, train
 
 pytestmark = pytest.mark.distributed
@@ -106,9 +107,7 @@ def test_auto_falls_back_past_a_corrupt_newest_checkpoint(runs, tmp_path):
     shutil.copytree(ref, run, symlinks=True)
     root = run / "checkpoints"
     shard = sorted((root / f"checkpoint_step_{STEPS}").glob("*.distcp"))[0]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 3] ^= 0x04
-    shard.write_bytes(bytes(data))
+    flip_bits(shard, shard.stat().st_size // 3, mask=0x04)
     log = train(run, 2, "--max-steps", str(STEPS), "--resume", "auto")[0].output
     assert f"skipping a damaged checkpoint: {shard}: SHA-256" in log, log[-3000:]
     assert f"resumed from {root / f'checkpoint_step_{HALF}'} at step {HALF}" in log

@@ -14,6 +14,8 @@ from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.manifest import verify_manifest, write_manifest
 from moe_dist.config import ModelConfig
 
+from ..corrupt import flip_bits
+
 
 def _fake_ckpt(root, step):
     d = root / layout.step_dir_name(step)
@@ -64,12 +66,10 @@ def test_manifest_detects_truncation_and_bit_flips(tmp_path):
     d = _fake_ckpt(tmp_path, 7)
     verify_manifest(d)
     shard = d / "__0_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_bits(shard, 100)
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: SHA-256 .* differs from the manifest"):
         verify_manifest(d)
-    shard.write_bytes(bytes(data[:-10]))
+    shard.write_bytes(shard.read_bytes()[:-10])  # the flipped bytes, 10 short
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: size 1014 bytes, manifest says 1024"):
         verify_manifest(d)
 

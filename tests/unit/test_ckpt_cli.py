@@ -17,6 +17,8 @@ from moe_dist.checkpoint.cli import main
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.config import ModelConfig, RunConfig
 
+from ..corrupt import flip_bits
+
 MODEL = ModelConfig(vocab_size=64, d_model=8, n_heads=2, d_ff=4, num_experts=2, top_k=1, n_layers=1,
                     expert_type="silu_mlp")
 
@@ -90,9 +92,7 @@ def test_verify_ok(run, capsys):
 
 def test_verify_bit_flip_needs_checksums(run, capsys):
     shard = _shard(run / "checkpoints" / "checkpoint_step_10")
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_bits(shard)
     code, out, err = cli(capsys, "verify", str(run))
     assert code == 1 and out == ""
     assert err.startswith(f"error: {shard}: SHA-256 ") and "differs from the manifest's" in err

@@ -26,6 +26,8 @@ from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_ou
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
 from moe_dist.model import MoETransformer
 
+from ..corrupt import flip_bits
+
 TINY = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=48, num_experts=4, top_k=2, max_seq_len=32)
 
 
@@ -227,9 +229,7 @@ def test_verify_catches_a_changed_weight(ckpt, tmp_path, capsys):
     assert _run([str(folder), "-o", str(out)], capsys)[0] == 0
     with zipfile.ZipFile(out) as zf:
         info = max(zf.infolist(), key=lambda i: i.file_size)  # the biggest storage: the embedding
-    raw = bytearray(out.read_bytes())
-    raw[info.header_offset + info.file_size // 2 + 100] ^= 0x01
-    out.write_bytes(bytes(raw))
+    flip_bits(out, info.header_offset + info.file_size // 2 + 100)
     with pytest.raises(ConsolidateError, match=r"verify: .* differs from model\."):
         verify_output(Checkpoint(folder), out, "pt", torch.float32, 1 << 20)
 
@@ -253,9 +253,7 @@ def test_user_errors_are_one_line(ckpt, tmp_path, capsys):
     bad = tmp_path / "bad" / "checkpoint_step_7"
     shutil.copytree(src, bad)
     shard = next(bad.glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_bits(shard, mask=0xFF)
     cases = [
         ([str(tmp_path / "nope")], "no such file or folder"),
         ([str(tmp_path / "plain")], "not a checkpoint (no .metadata file inside)"),

@@ -15,6 +15,8 @@ from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.checkpoint.resume import choose_resume, preflight_resume
 from moe_dist.config import apply_overrides, get_preset
 
+from ..corrupt import flip_bits
+
 
 def _cfg(out, resume="auto", **overrides):
     cfg = get_preset("tiny")
@@ -34,10 +36,7 @@ def _ckpt(cfg, step, model=None):
 
 
 def _flip(d):
-    shard = d / "__0_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 1
-    shard.write_bytes(bytes(data))
+    flip_bits(d / "__0_0.distcp", 100)
 
 
 def test_auto_takes_the_newest_good_checkpoint_without_warnings(tmp_path):
