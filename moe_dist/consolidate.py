@@ -438,7 +438,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
+    from .debug import strict_device_from_env
+
     a = build_parser().parse_args(argv)
+    strict_device_from_env()  # tests: consolidation names every device (see moe_dist.debug)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
               TimeRemainingColumn(), console=err, disable=a.quiet, transient=False)

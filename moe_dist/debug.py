@@ -4,6 +4,8 @@
 (default 0), the full reduced gradient of every parameter this rank holds, keyed by global
 parameter name (``grads_rank<r>.safetensors``). The expert-parallel tests compare these files
 between EP degrees to prove expert gradients are not scaled by the EP degree.
+
+``MOE_DIST_STRICT_DEVICE=1`` turns an implicit device into an error (see :func:`strict_device_from_env`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
+STRICT_DEVICE_ENV = "MOE_DIST_STRICT_DEVICE"
+
+
+def strict_device_from_env() -> bool:
+    """``MOE_DIST_STRICT_DEVICE=1``: from here on, a tensor made without ``device=`` is a meta tensor.
+
+    On a GPU, a factory call without a device makes a CPU tensor beside CUDA ones, or hands a CPU
+    tensor to an NCCL collective: a crash at the first step, which no CPU test sees because there
+    the implicit device happens to be the right one. With the default device set to ``meta``, such
+    a tensor fails on this CPU machine too, as soon as it meets a real tensor (``Tensor on device
+    meta is not on the expected device cpu``) or a gloo collective. Called once the model and
+    engine are built (building them is the one place where the default device is meant to be
+    used), by the trainer, ``moe-consolidate`` and ``moe-generate``; the tests run them all in
+    this mode (``tests/distributed/test_strict_device.py``). Returns whether the mode is on.
+    """
+    if os.environ.get(STRICT_DEVICE_ENV, "") not in ("1", "true"):
+        return False
+    import torch
+
+    torch.set_default_device("meta")
+    return True
 
 
 def grad_dump_probe_from_env(rank: int) -> Optional[Callable[[Any, int], None]]:

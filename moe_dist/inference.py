@@ -248,12 +248,14 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
 
     from .data.errors import DataError
     from .data.tokenizer import load_tokenizer, tokenizer_from_spec
+    from .debug import strict_device_from_env
 
     a = build_generate_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         info = checkpoint_info(a.checkpoint)
         model, cfg = _build(info, a.device)
+        strict_device_from_env()  # tests: generation names every device (see moe_dist.debug)
         tok = tokenizer_from_spec(info.tokenizer) if info.tokenizer.get("type") else load_tokenizer(cfg.data.tokenizer)
     except (CheckpointError, DataError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
@@ -262,7 +264,7 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         err.print(f"[red]error:[/] tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")
         return 2
     prompt = tok.encode(a.prompt) or [tok.eos_id]
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator(device="cpu").manual_seed(a.seed)  # sampling draws on the host
     ids = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k or None, gen, tok.eos_id, tok.vocab_size)
     err.print(f"[dim]{info.kind} checkpoint, step {info.step}, {len(ids)} new tokens[/]")
     sys.stdout.write(a.prompt + tok.decode(ids) + "\n")

@@ -19,9 +19,13 @@ import torch.distributed as dist
 
 @dataclass
 class StepAccumulator:
-    """Sums over the micro-batches of one optimizer step on one rank."""
+    """Sums over the micro-batches of one optimizer step on one rank.
+
+    ``device`` is the engine's device: :meth:`reduce` all-reduces on the default process group,
+    whose backend serves that device (NCCL: CUDA tensors, gloo: CPU tensors)."""
 
     num_experts: int
+    device: torch.device
     ce_sum: float = 0.0
     aux_sum: float = 0.0
     correct: int = 0
@@ -39,15 +43,15 @@ class StepAccumulator:
         self.micro_batches += 1
         self.dropped += int(dropped)
         if expert_counts is not None:
-            c = expert_counts.detach().to(torch.float64).cpu()
+            c = expert_counts.detach().to(device=self.device, dtype=torch.float64)
             self.tokens_per_expert = c if self.tokens_per_expert is None else self.tokens_per_expert + c
 
     def reduce(self) -> dict[str, Any]:
         """All-reduce across ranks; every rank gets the same numbers (cheap: one small tensor)."""
-        counts = self.tokens_per_expert if self.tokens_per_expert is not None else torch.zeros(self.num_experts,
-                                                                                                 dtype=torch.float64)
+        counts_E = self.tokens_per_expert if self.tokens_per_expert is not None else torch.zeros(
+            self.num_experts, dtype=torch.float64, device=self.device)
         vec = torch.cat([torch.tensor([self.ce_sum, self.aux_sum, self.correct, self.targets, self.micro_batches,
-                                       self.dropped], dtype=torch.float64), counts])
+                                       self.dropped], dtype=torch.float64, device=self.device), counts_E])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
         ce, aux, correct, n_targets, n_micro, dropped = vec[:6].tolist()

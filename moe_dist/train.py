@@ -93,7 +93,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     from moe_dist.config import ConfigError
     from moe_dist.data.loader import build_data, check_same_data
     from moe_dist.data.sampler import GlobalCursorSampler
-    from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env
+    from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env, strict_device_from_env
     from moe_dist.metrics import MetricsLog
     from moe_dist.model import count_parameters
     from moe_dist.parallel.expert_parallel import validate_ep
@@ -114,6 +114,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
     rt = init_runtime(cfg, args.deepspeed_config)
     _, engine = build_engine(rt, cfg)
+    strict_device_from_env()  # tests: from here on an implicit device is an error (see moe_dist.debug)
 
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
     metrics = MetricsLog(os.path.join(cfg.checkpoint.output_dir, "metrics.jsonl"), enabled=rt.is_main)
@@ -136,7 +137,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     with TrainUI(rt.is_main, cfg.train.max_steps, trainer.state.step, cfg.train.log_every) as ui:
         ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), "
                  f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
-                 f"optimizer {rt.optimizer_kind}"
+                 f"optimizer {rt.optimizer_kind}, {str(next(engine.module.parameters()).dtype).removeprefix('torch.')}"
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else ""))
         stop_at = cfg.checkpoint.stop_at_step
         trainer.fit(on_step=ui.on_step, after_step=ckpt.after_step,

@@ -81,7 +81,7 @@ class Trainer:
         lrs = self.schedule.apply(self.engine.optimizer.param_groups, step, all_adamw=self.all_adamw)
         indices = self.sampler.next_global_batch()
         micro = self.sampler.rank_share(indices, self.rt.rank, self.rt.world_size, self.rt.layout.micro_batch_size)
-        acc = StepAccumulator(self.cfg.model.num_experts)
+        acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
         self.engine.train()
         first_micro = self.rt.rank * len(micro)  # index of this rank's first micro-batch in the global batch
         for i, idx in enumerate(micro):
@@ -117,7 +117,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.engine.eval()
-        acc = StepAccumulator(self.cfg.model.num_experts)
+        acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
         for inputs, targets in iter_val_batches(self.data.val_blocks, self.rt.rank, self.rt.world_size,
                                                 self.rt.layout.micro_batch_size, self.cfg.train.eval_batches):
             logits, _ = self.engine(inputs.to(self.rt.device), return_aux_loss=False)

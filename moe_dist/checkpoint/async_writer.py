@@ -104,7 +104,8 @@ class AsyncCheckpointWriter:
         self.pending = PendingSave(_then(fut, after_write), step, on_complete)
 
     def _all_done(self) -> bool:
-        done = torch.tensor([1 if self.pending is not None and self.pending.future.done() else 0])
+        done = torch.tensor([1 if self.pending is not None and self.pending.future.done() else 0],
+                            device="cpu")  # host value on the gloo control group
         if dist.is_initialized() and self.control_group is not None:
             dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.control_group)
         return bool(done.item())

@@ -134,7 +134,7 @@ class CheckpointManager:
         """A signal reaches some ranks only: agree on stopping so every rank saves together."""
         if self.ctrl_pg is None:
             return local_flag
-        t = torch.tensor([1 if local_flag else 0])
+        t = torch.tensor([1 if local_flag else 0], device="cpu")  # host value on a gloo group
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctrl_pg)
         return bool(t.item())
 

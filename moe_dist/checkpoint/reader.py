@@ -236,7 +236,8 @@ class Checkpoint:
                 size = 0
             batches[-1].append((spec, size, nbytes))
             size += -(-nbytes // 64) * 64  # keep every view 64-byte aligned
-        buf_U8 = torch.empty(max((o + n for b in batches for _, o, n in b), default=0), dtype=torch.uint8)
+        buf_U8 = torch.empty(max((o + n for b in batches for _, o, n in b), default=0), dtype=torch.uint8,
+                             device="cpu")
         for batch in batches:
             dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)).view(self.metadata[s.source].size)
                      for s, o, n in batch}  # shaped as stored (flat [numel] from the trainer)

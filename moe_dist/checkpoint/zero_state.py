@@ -227,7 +227,7 @@ def _claim(owners: dict[str, str], key: str, name: str) -> str:
 
 
 def _scalar_value(v: Any) -> torch.Tensor:
-    return torch.tensor(float(v.item() if torch.is_tensor(v) else v), dtype=torch.float64)
+    return torch.tensor(float(v.item() if torch.is_tensor(v) else v), dtype=torch.float64, device="cpu")
 
 
 # ----------------------------------------------------------------------------- save

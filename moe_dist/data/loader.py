@@ -51,7 +51,7 @@ def data_fingerprint(train_blocks: torch.Tensor, val_blocks: torch.Tensor) -> di
     digest = hashlib.sha256()
     for blocks in (train_blocks, val_blocks):
         n = blocks.size(0)
-        idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).round().long() if n else torch.zeros(0).long()
+        idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), device="cpu").round().long()
         digest.update(f"{n}x{blocks.size(1) if blocks.dim() == 2 else 0}|".encode())
         digest.update(blocks[idx].to(torch.int64).contiguous().numpy().tobytes())
     return {"train_blocks": int(train_blocks.size(0)), "val_blocks": int(val_blocks.size(0)),

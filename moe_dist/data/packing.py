@@ -65,7 +65,7 @@ def split_indices(num_blocks: int, val_fraction: float, seed: int) -> tuple[torc
     if num_blocks < 2:
         raise DataError(f"cannot split {num_blocks} block(s) into train and validation; need at least 2")
     n_val = min(max(1, round(num_blocks * val_fraction)), num_blocks - 1)
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(num_blocks, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 

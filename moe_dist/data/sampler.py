@@ -46,8 +46,8 @@ class GlobalCursorSampler:
 
     def epoch_permutation(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch or self._perm is None:
-            g = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g), epoch
+            g = torch.Generator(device="cpu").manual_seed(self.seed * _EPOCH_STRIDE + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g, device="cpu"), epoch
         return self._perm
 
     def next_global_batch(self) -> torch.Tensor:

@@ -95,14 +95,14 @@ class ExpertParallelDispatcher:
         counts_E = torch.bincount(expert_A, minlength=E)
 
         # 1) counts: for each destination rank, how many rows of each of its experts we send.
-        recv_counts = torch.empty(P * El, dtype=counts_E.dtype)          # [source rank, local expert]
+        recv_counts = torch.empty(P * El, dtype=counts_E.dtype, device=counts_E.device)  # [source rank, local expert]
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         in_splits = counts_E.view(P, El).sum(1).tolist()                 # rows sent to each rank
         out_splits = recv_counts.view(P, El).sum(1).tolist()             # rows received from each rank
 
         # 2) tokens: rows arrive grouped by source rank, then by local expert.
         x_R = _AllToAll.apply(x_TD[token_A], out_splits, in_splits, self.group)
-        local_R = torch.repeat_interleave(torch.arange(El).repeat(P), recv_counts)
+        local_R = torch.repeat_interleave(torch.arange(El, device=recv_counts.device).repeat(P), recv_counts)
         order_R = torch.argsort(local_R, stable=True)                    # expert-major order
         per_expert = recv_counts.view(P, El).sum(0).tolist()
         outs, start = [], 0
