@@ -111,6 +111,8 @@ class Trainer:
                   "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank, Linux KiB
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
+        if self.rt.device.type == "cuda":  # what moe-plan's GPU figure estimates (benchmarks/gpu_check.py compares)
+            record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
         return record
 
     # ------------------------------------------------------------------ validation
