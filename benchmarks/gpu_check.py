@@ -107,16 +107,17 @@ class Checker:
     # ----------------------------------------------------------------- the cases
     def loss_falls(self, preset: str, steps: int) -> None:
         t0 = time.perf_counter()
+        name = f"{preset} {'fp32' if self.smoke else 'bf16'} ZeRO-2, 1 {self.unit}"  # precision auto: bf16 on GPU
         out = self.work / f"train-{preset}"
         res = self.train(out, 1, "--preset", preset, "--max-steps", str(steps), "--zero-stage", "2")
         if res.returncode:
-            return self.record(Case(f"{preset} bf16 ZeRO-2, 1 {self.unit}", False, _tail(res)), t0)
+            return self.record(Case(name, False, _tail(res)), t0)
         rows = _metrics(out)
         first, last = rows[0]["loss"], statistics.mean(r["loss"] for r in rows[-3:])
         tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
         mfu = self.mfu(preset, tps, 1)
         ok = last < 0.9 * first
-        self.record(Case(f"{preset} bf16 ZeRO-2, 1 {self.unit}", ok,
+        self.record(Case(name, ok,
                          f"loss {first:.3f} -> {last:.3f}, {tps:,.0f} tokens/s, MFU {_pct(mfu)}",
                          {"loss_first": first, "loss_last3": last, "tokens_per_s": tps, "mfu": mfu}), t0)
 

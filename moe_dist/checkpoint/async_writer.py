@@ -14,6 +14,7 @@ step travels on a separate control group: two threads must never share one gloo 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -21,19 +22,35 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+
+
+def _placed_on_host(shard_meta: Any) -> Any:
+    return dataclasses.replace(shard_meta, placement=f"rank:{shard_meta.placement.rank()}/cpu")
+
+
+def _on_host(meta: Any) -> Any:
+    """The same shard layout with every placement on ``cpu`` (the rank is kept), unpinned."""
+    shards = [_placed_on_host(m) for m in meta.shards_metadata]
+    props = dataclasses.replace(meta.tensor_properties, pin_memory=False)
+    return ShardedTensorMetadata(shards, meta.size, props)
 
 
 def staged_copy(state_dict: dict[str, Any], group: Any) -> dict[str, Any]:
-    """A deep copy of a DCP state dict whose tensors no longer alias training state."""
+    """A deep copy of a DCP state dict in host memory, whose tensors no longer alias training state.
+
+    On a GPU the ZeRO fragments (fp32 masters, optimizer states) live in device memory; a copy
+    there would need as much free GPU memory again as the optimizer state itself. The copy goes to
+    the host instead, and the ShardedTensors are rebuilt with ``cpu`` placements."""
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
         if isinstance(value, ShardedTensor):
-            shards = [Shard(s.tensor.detach().clone(), s.metadata) for s in value.local_shards()]
+            shards = [Shard(s.tensor.detach().to("cpu", copy=True), _placed_on_host(s.metadata))
+                      for s in value.local_shards()]
             out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                shards, value.metadata(), process_group=group)
+                shards, _on_host(value.metadata()), process_group=group)
         elif torch.is_tensor(value):
-            out[key] = value.detach().clone()
+            out[key] = value.detach().to("cpu", copy=True)
         else:
             out[key] = value
     return out
