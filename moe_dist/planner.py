@@ -3,6 +3,8 @@
     moe-plan --preset 4090 --gpu-mem 24GB --cpu-mem 64GB
     moe-plan --preset 18b --gpus-per-node 8 --nodes 2 --gpu-mem 180GB --cpu-mem 2TB --zero-stage 2 --ep-size 8
     moe-plan --preset tiny --accelerator cpu --precision fp32 --zero-stage 2      # the CPU demo
+    moe-plan --preset 18b --choose --gpu-mem 24GB --cpu-mem 128GB                  # the fastest layout that fits
+    moe-plan --preset 4090 --fit --gpu-mem 24GB --cpu-mem 64GB                     # the largest model that fits
 
 Everything is analytic: parameter counts come from ``ModelConfig`` (no model is built, torch is
 not imported), the ZeRO stage / offload / buckets from the same DeepSpeed config the trainer
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
+from .muon_cost import MUON_CPU_FLOPS, MUON_CPU_FLOPS_SOURCE, muon_step_flops
 from .parallel.deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
 
 GiB = 2**30
@@ -338,8 +341,11 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
     if s.optimizer == "muon":  # on the largest Muon matrix: fp32 update + 2 bf16 iterates, two k x k products
         m = cfg.model
         r, c = max([(m.d_model, m.d_model), (m.d_model, m.d_ff), (m.num_experts, m.d_model)], key=lambda x: x[0] * x[1])
-        add(opt_dev, "Muon Newton-Schulz workspace", 8 * r * c + 4 * min(r, c) ** 2, "optimizer", "step",
+        # on the accelerator even with offload: DeepSpeed copies the Muon gradients there (muon_cost.py)
+        add("gpu", "Muon Newton-Schulz workspace", 8 * r * c + 4 * min(r, c) ** 2, "optimizer", "step",
             f"largest matrix {r}x{c}")
+        if s.offload_optimizer and hw.accelerator == "cuda":
+            muon_offload_rows(add, s, r * c, S_muon)
     # activations
     for r in activation_rows(cfg.model, s, cfg.parallel.capacity_factor):
         rows["gpu"].append(r)
@@ -385,12 +391,40 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
                                       "; ".join(x for x in note if x)))
     gpu = DeviceReport("GPU", "per GPU", hw.gpu_mem, rows["gpu"]) if hw.accelerator == "cuda" else None
 
+    if s.optimizer == "muon" and s.offload_optimizer:
+        notes.append(muon_step_note(cfg.model, s.ep_size, hw.accelerator))
     if cfg.train.optimizer == "muon" and s.optimizer == "adamw":
         notes.append("ZeRO-3 with reduce_scatter: the trainer falls back to AdamW for all parameters (planned so).")
     if cpu.biggest.phase == "init" and cpu.biggest.bytes > cpu.total / 2:
         notes.append(f"CPU peak is the fp32 model each of the {per_node} local rank(s) builds at start-up, before "
                      "sharding; staggered or meta-device construction, or zero.Init (ZeRO-3, --zero-init), removes it.")
     return Plan(s, pc, gpu, cpu, notes)
+
+
+def muon_offload_rows(add: Any, s: Settings, largest: int, S_muon: float) -> None:
+    """GPU copies of the Muon gradients and momentum that DeepSpeed's offloaded Muon step makes
+    (``_apply_muon_updates_cpu_offload``: fp32 grad + momentum to ``get_accelerator().current_device_name()``)."""
+    n = s.world_size
+    if s.zero_stage == 3:   # stage3.py: one sub_group's Muon partitions, then (world > 1) all-gathered to full
+        part = min(S_muon, s.zero["sub_group_size"])
+        add("gpu", "Muon grads + momentum copied to GPU (offload step)", 8 * part * (1 + n if n > 1 else 1),
+            "optimizer", "step", f"fp32, one sub_group{'; gathered to full' if n > 1 else ''}")
+    else:                   # stage_1_and_2.py: batches of <= 64 MiB (a larger matrix alone), 256 MiB gather cache
+        add("gpu", "Muon grads + momentum copied to GPU (offload step)",
+            max(64 * 2**20, 8 * largest) + (256 * 2**20 if n > 1 else 0), "optimizer", "step",
+            "fp32, 64 MiB batches (_muon_allgather_max_buffer_bytes)")
+
+
+def muon_step_note(m: ModelConfig, ep: int, accelerator: str) -> str:
+    """The CPU time of one offloaded Muon step, from DeepSpeed's Newton-Schulz FLOPs and a measured rate."""
+    flops = muon_step_flops(m, ep)
+    cpu = (f"Muon on CPU: ~{flops / MUON_CPU_FLOPS:,.0f} s per optimizer step for these matrices "
+           f"({flops / 1e12:.2f} TFLOP of Newton-Schulz per rank at {MUON_CPU_FLOPS / 1e9:.0f} GFLOP/s, measured on "
+           f"{MUON_CPU_FLOPS_SOURCE}, see benchmarks/bench_muon_cpu.py)")
+    if accelerator == "cpu":
+        return cpu + "."
+    return (cpu + ". With a GPU, DeepSpeed 0.19.8 runs this step on the GPU, not the CPU: its offloaded Muon copies "
+            "each Muon gradient and momentum to the accelerator for Newton-Schulz (_apply_muon_updates_cpu_offload).")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -446,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-init", action="store_true", help="Plan ZeRO-3 construction under deepspeed.zero.Init.")
     p.add_argument("--host-buffer-factor", type=float, default=1.5,
                    help="Slack on host-side model states (DeepSpeed's additional_buffer_factor).")
+    p.add_argument("--choose", action="store_true",
+                   help="Pick the layout: try ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-2 + optimizer offload, ZeRO-3 + optimizer "
+                   "offload, ZeRO-3 + optimizer and parameter offload (with every EP degree on several GPUs), fastest "
+                   "first, and plan the first whose GPU and CPU peaks fit. Not with --zero-stage, --ep-size or "
+                   "--offload-*.")
+    p.add_argument("--fit", action="store_true",
+                   help="The largest model of the preset's family that fits this machine: scales d_model (multiples "
+                   "of head_dim) with n_layers at the preset's aspect ratio, then adds layers while they fit; d_ff "
+                   "keeps its ratio to d_model; num_experts x1/2, 1, 2, 4. Keeps head_dim, top_k, vocabulary and "
+                   "batch. Each candidate gets the --choose layout.")
     return p
 
 
@@ -495,6 +539,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     a = build_parser().parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    if a.choose or a.fit:
+        try:
+            return main_search(a, console)
+        except ConfigError as e:
+            console.print(f"[red]error:[/] {e}")
+            return 2
     try:
         cfg = config_from_args(a)
         hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
@@ -505,6 +555,66 @@ def main(argv: Optional[list[str]] = None) -> int:
         console.print(f"[red]error:[/] {e}")
         return 2
     render(pl, cfg.preset, console)
+    return 0
+
+
+def main_search(a: argparse.Namespace, console: Any) -> int:
+    """``--choose`` and ``--fit`` (moe_dist.layout_search)."""
+    from rich.table import Table
+
+    from .layout_search import choose, fit
+
+    fixed = [f for f, v in (("--zero-stage", a.zero_stage), ("--ep-size", a.ep_size),
+                            ("--offload-optimizer", a.offload_optimizer), ("--offload-params", a.offload_params))
+             if v is not None]
+    if fixed:
+        raise ConfigError(f"{'--fit' if a.fit else '--choose'} picks the layout itself; drop {', '.join(fixed)} "
+                          f"(or drop {'--fit' if a.fit else '--choose'} to plan that layout)")
+    cfg = config_from_args(a)
+    hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
+                  nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
+    launch = read_launch_json(a.launch_config)
+    where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
+    if a.fit:
+        results = fit(cfg, hw, launch, zero_init=a.zero_init)
+        m = cfg.model
+        t = Table(title=f"Largest {cfg.preset}-family model that fits {where}", title_justify="left")
+        for col in ("experts", "d_model", "layers", "heads", "d_ff", "total params", "layout", "GPU peak", "CPU peak"):
+            t.add_column(col, justify="left" if col == "layout" else "right")
+        for r in results:
+            pl, rm = r.choice.plan, r.cfg.model
+            t.add_row(str(r.num_experts), str(r.d_model), str(r.n_layers), str(rm.n_heads), str(rm.d_ff),
+                      fmt_count(r.params), r.choice.layout.label, fmt_bytes(pl.gpu.total if pl.gpu else None),
+                      fmt_bytes(pl.cpu.total))
+        console.print(t)
+        console.print(f"scaled: d_model (multiples of head_dim {m.head_dim}) with n_layers at d_model/n_layers = "
+                      f"{m.d_model / m.n_layers:.4g}, then layers added while they fit; d_ff = d_model x "
+                      f"{m.d_ff / m.d_model:g} rounded to 64; num_experts; kept: head_dim, top_k {m.top_k}, {m.expert_type} experts, "
+                      f"vocab {m.vocab_size}, micro batch x seq, global batch, activation checkpointing, optimizer.")
+        if not results:
+            console.print("[bold red]nothing fits[/]: not even one layer of the smallest d_model")
+            return 0
+        top = results[0]
+        console.print(f"[bold]largest: {fmt_count(top.params)} params[/] (d_model {top.d_model}, {top.n_layers} "
+                      f"layers, {top.num_experts} experts), {top.choice.layout.label}. Train it with: "
+                      f"--set model.d_model={top.d_model} --set model.n_heads={top.cfg.model.n_heads} "
+                      f"--set model.d_ff={top.cfg.model.d_ff} --set model.n_layers={top.n_layers} "
+                      f"--set model.num_experts={top.num_experts} {top.choice.layout.train_flags}")
+        return 0
+    ch = choose(cfg, hw, launch, zero_init=a.zero_init)
+    t = Table(title=f"Layouts tried for {cfg.preset} on {where}, fastest first", title_justify="left")
+    for col in ("layout", "GPU peak", "CPU peak", "fits"):
+        t.add_column(col, justify="left" if col == "layout" else "right")
+    for lay, pl in ch.tried:
+        t.add_row(lay.label, fmt_bytes(pl.gpu.total if pl.gpu else None), fmt_bytes(pl.cpu.total),
+                  "yes" if pl.fits else "no")
+    console.print(t)
+    if ch.layout is None:
+        console.print("[bold red]no layout fits[/]: shown above is the last tried; see --fit for what does")
+        render(ch.tried[-1][1], cfg.preset, console)
+        return 0
+    console.print(f"[bold]chosen: {ch.layout.label}[/] (moe-train flags: {ch.layout.train_flags})")
+    render(ch.plan, cfg.preset, console)
     return 0
 
 
