@@ -24,9 +24,10 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from typing import Iterator
 
-from .common import Context, Section, fmt, interleave, machine_info, median, spread, timed
+from .common import Context, Section, fmt, interleave, machine_info, median, spread
 
 TITLE = "7. Muon step on the CPU: DeepSpeed's Newton-Schulz over a preset's matrices"
 
@@ -78,12 +79,20 @@ def measure(preset: str, threads: list[int], reps: int, dtypes: list[str]) -> di
 
                 def one(s):
                     g, mom = data[s]
-                    return lambda: timed(lambda: update(g.clone(), mom.clone(), 0.95, ns_steps=5, ns_method="gram"))
+
+                    def go() -> dict:
+                        g2, m2 = g.clone(), mom.clone()
+                        c0, w0 = time.process_time(), time.perf_counter()
+                        update(g2, m2, 0.95, ns_steps=5, ns_method="gram")
+                        return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}
+                    return go
 
                 load0 = os.getloadavg()[0]
-                runs = interleave({shapes[s]: one(s) for s in shapes}, reps=reps, warmup=1)
+                raw = interleave({shapes[s]: one(s) for s in shapes}, reps=reps, warmup=1)
+                runs = {k: [r["wall"] for r in v] for k, v in raw.items()}
+                cpu = {k: [r["cpu"] for r in v] for k, v in raw.items()}
                 label = "fp32" if dt == "fp32" else f"{deepspeed_dtype()} (DeepSpeed's)"
-                res[(label, t)] = {"runs": runs, "load": (load0, os.getloadavg()[0])}
+                res[(label, t)] = {"runs": runs, "cpu": cpu, "load": (load0, os.getloadavg()[0])}
                 print(f"  {label}, {t} thread(s): " + ", ".join(f"{k} {fmt(median(v))} s" for k, v in runs.items())
                       + f" | load {load0:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
     return {"mats": mats, "shapes": shapes, "res": res}
@@ -96,23 +105,27 @@ def report(sec: Section, preset: str, out: dict) -> None:
     count = {name: sum(x.count for x in mats if (x.rows, x.cols) == s) for s, name in shapes.items()}
     rows, totals = [], []
     for (dt, t), r in res.items():
-        step, flops = 0.0, 0
+        step, cpu_s, flops = 0.0, 0.0, 0
         for s, name in shapes.items():
-            sec_one = median(r["runs"][name])
+            sec_one, cpu_one = median(r["runs"][name]), median(r["cpu"][name])
             f = ns_flops(*s)
             step += count[name] * sec_one
+            cpu_s += count[name] * cpu_one
             flops += count[name] * f
             rows.append([dt, t, f"{name} {s[0]}x{s[1]}", count[name], fmt(sec_one), spread(r["runs"][name]),
-                         fmt(f / sec_one / 1e9)])
-        totals.append([dt, t, f"{step:.1f}", f"{flops / 1e12:.2f}", f"{flops / step / 1e9:.1f}",
+                         fmt(cpu_one), fmt(f / sec_one / 1e9)])
+        totals.append([dt, t, f"{step:.1f}", f"{cpu_s:.1f}", f"{flops / 1e12:.2f}", f"{flops / step / 1e9:.1f}",
                        f"{r['load'][0]:.2f} -> {r['load'][1]:.2f}"])
-        sec.data[f"{dt}/{t}"] = {"step_s": step, "flops": flops, "flops_per_s": flops / step, "load": r["load"],
-                                 "runs": r["runs"]}
-    sec.table(["dtype", "threads", "matrix (rows x cols)", "count", "median s", "range", "GFLOP/s"], rows,
+        sec.data[f"{dt}/{t}"] = {"step_s": step, "step_cpu_s": cpu_s, "flops": flops, "flops_per_s": flops / step,
+                                 "load": r["load"], "runs": r["runs"], "cpu": r["cpu"]}
+    sec.table(["dtype", "threads", "matrix (rows x cols)", "count", "median wall s", "range", "median CPU s",
+               "GFLOP/s (wall)"], rows,
               caption=f"One muon_update per matrix shape ({preset} preset), median of the repetitions")
-    sec.table(["dtype", "threads", "one optimizer step (s)", "TFLOP", "GFLOP/s", "load avg (1 min) before -> after"],
+    sec.table(["dtype", "threads", "one optimizer step, wall (s)", "CPU seconds (all threads)", "TFLOP",
+               "GFLOP/s (wall)", "load avg (1 min) before -> after"],
               totals, caption="One Muon step = sum over shapes of count x median (every Muon matrix of the model, "
-                              "one rank, EP 1)")
+                              "one rank, EP 1). CPU seconds = process time of all threads; on a shared machine "
+                              "wall time includes waiting for a core")
     sec.note("Per core count as measured; no extrapolation to other CPUs (their cores, AVX-512 and memory "
              "bandwidth differ): run this script there.")
 
