@@ -7,12 +7,12 @@ It calls DeepSpeed's own ``muon_update`` (``deepspeed/runtime/zero/muon/original
 lerp, Nesterov blend, ``zeropower_via_gram_newtonschulz`` - DeepSpeed's default ``ns_method`` - and
 the aspect-ratio scale) on a random fp32 gradient and momentum of every distinct Muon matrix shape of
 the model (``moe_dist.muon_cost.muon_matrices``), eagerly: DeepSpeed wraps these functions in
-``torch.compile``, whose first call per shape compiles for minutes on 2 cores; the work is the same
-matmuls. Each shape is timed ``reps`` times (shapes interleaved, order rotating), the median kept;
+``torch.compile``, whose compilation is not what is measured here, and inductor leaves matmuls (all
+the FLOPs) to the same aten kernels by default. Each shape is timed ``reps`` times (shapes interleaved, order rotating), the median kept;
 one step = sum over shapes of (count x median). Two compute dtypes: fp32, and the one DeepSpeed
 picks on this CPU (``ns_compute_dtype("gram")``: fp16 where oneDNN supports it, else fp32).
 The achieved FLOP rate (``muon_cost.ns_flops``, DeepSpeed's matmuls counted exactly) is what
-``moe-plan`` divides by (``muon_cost.MUON_CPU_FLOPS``).
+``moe-plan`` divides by (``muon_cost.MUON_CPU_FLOPS_PER_CORE``: fp32, 1 thread, per CPU second).
 
 With optimizer offload on a CUDA run DeepSpeed 0.19.8 copies the Muon gradients to the GPU and runs
 this there (see ``moe_dist/muon_cost.py``); this CPU time is what a CPU run pays.
@@ -115,19 +115,23 @@ def report(sec: Section, preset: str, out: dict) -> None:
             rows.append([dt, t, f"{name} {s[0]}x{s[1]}", count[name], fmt(sec_one), spread(r["runs"][name]),
                          fmt(cpu_one), fmt(f / sec_one / 1e9)])
         totals.append([dt, t, f"{step:.1f}", f"{cpu_s:.1f}", f"{flops / 1e12:.2f}", f"{flops / step / 1e9:.1f}",
-                       f"{r['load'][0]:.2f} -> {r['load'][1]:.2f}"])
+                       f"{flops / cpu_s / 1e9:.1f}", f"{r['load'][0]:.2f} -> {r['load'][1]:.2f}"])
         sec.data[f"{dt}/{t}"] = {"step_s": step, "step_cpu_s": cpu_s, "flops": flops, "flops_per_s": flops / step,
-                                 "load": r["load"], "runs": r["runs"], "cpu": r["cpu"]}
+                                 "flops_per_cpu_s": flops / cpu_s, "load": r["load"], "runs": r["runs"],
+                                 "cpu": r["cpu"]}
     sec.table(["dtype", "threads", "matrix (rows x cols)", "count", "median wall s", "range", "median CPU s",
                "GFLOP/s (wall)"], rows,
               caption=f"One muon_update per matrix shape ({preset} preset), median of the repetitions")
     sec.table(["dtype", "threads", "one optimizer step, wall (s)", "CPU seconds (all threads)", "TFLOP",
-               "GFLOP/s (wall)", "load avg (1 min) before -> after"],
+               "GFLOP/s (wall)", "GFLOP per CPU second", "load avg (1 min) before -> after"],
               totals, caption="One Muon step = sum over shapes of count x median (every Muon matrix of the model, "
                               "one rank, EP 1). CPU seconds = process time of all threads; on a shared machine "
                               "wall time includes waiting for a core")
     sec.note("Per core count as measured; no extrapolation to other CPUs (their cores, AVX-512 and memory "
-             "bandwidth differ): run this script there.")
+             "bandwidth differ): run this script there. On a loaded machine the 1-thread CPU seconds are the figure "
+             "least disturbed by other processes (wall time includes waiting for a core; with 2 threads each "
+             "spins while the other waits, so their CPU seconds grow too). moe-plan's rate "
+             "(moe_dist/muon_cost.py: MUON_CPU_FLOPS_PER_CORE) is the fp32 1-thread GFLOP per CPU second.")
 
 
 def run(ctx: Context) -> Section:

@@ -26,12 +26,15 @@ d_model 384 x 249 layers on 24 GB + 128 GB), equal in size to sane ones and usel
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .config import ConfigError, RunConfig
-from .planner import Hardware, Plan, count_params, plan
+from .parallel.deepspeed_config import read_launch_json
+from .planner import (Hardware, Plan, config_from_args, count_params, fmt_bytes, fmt_count, parse_bytes, plan,
+                      render)
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,62 @@ def fit(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: 
             L += 1
         out.append(FitResult(e, d, L, scaled(cfg, d, L, e), best(e, d, L)))
     return sorted(out, key=lambda r: -r.params)
+
+
+# --------------------------------------------------------------------------- CLI (moe-plan)
+def main_search(a: argparse.Namespace, console: Any) -> int:
+    """``--choose`` and ``--fit`` (moe_dist.layout_search)."""
+    from rich.table import Table
+
+    fixed = [f for f, v in (("--zero-stage", a.zero_stage), ("--ep-size", a.ep_size),
+                            ("--offload-optimizer", a.offload_optimizer), ("--offload-params", a.offload_params))
+             if v is not None]
+    if fixed:
+        raise ConfigError(f"{'--fit' if a.fit else '--choose'} picks the layout itself; drop {', '.join(fixed)} "
+                          f"(or drop {'--fit' if a.fit else '--choose'} to plan that layout)")
+    cfg = config_from_args(a)
+    hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
+                  nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
+    launch = read_launch_json(a.launch_config)
+    where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
+    if a.fit:
+        results = fit(cfg, hw, launch, zero_init=a.zero_init)
+        m = cfg.model
+        t = Table(title=f"Largest {cfg.preset}-family model that fits {where}", title_justify="left")
+        for col in ("experts", "d_model", "layers", "heads", "d_ff", "total params", "layout", "GPU peak", "CPU peak"):
+            t.add_column(col, justify="left" if col == "layout" else "right")
+        for r in results:
+            pl, rm = r.choice.plan, r.cfg.model
+            t.add_row(str(r.num_experts), str(r.d_model), str(r.n_layers), str(rm.n_heads), str(rm.d_ff),
+                      fmt_count(r.params), r.choice.layout.label, fmt_bytes(pl.gpu.total if pl.gpu else None),
+                      fmt_bytes(pl.cpu.total))
+        console.print(t)
+        console.print(f"scaled: d_model (multiples of head_dim {m.head_dim}) with n_layers at d_model/n_layers = "
+                      f"{m.d_model / m.n_layers:.4g}, then layers added while they fit; d_ff = d_model x "
+                      f"{m.d_ff / m.d_model:g} rounded to 64; num_experts; kept: head_dim, top_k {m.top_k}, {m.expert_type} experts, "
+                      f"vocab {m.vocab_size}, micro batch x seq, global batch, activation checkpointing, optimizer.")
+        if not results:
+            console.print("[bold red]nothing fits[/]: not even one layer of the smallest d_model")
+            return 0
+        top = results[0]
+        console.print(f"[bold]largest: {fmt_count(top.params)} params[/] (d_model {top.d_model}, {top.n_layers} "
+                      f"layers, {top.num_experts} experts), {top.choice.layout.label}. Train it with: "
+                      f"--set model.d_model={top.d_model} --set model.n_heads={top.cfg.model.n_heads} "
+                      f"--set model.d_ff={top.cfg.model.d_ff} --set model.n_layers={top.n_layers} "
+                      f"--set model.num_experts={top.num_experts} {top.choice.layout.train_flags}")
+        return 0
+    ch = choose(cfg, hw, launch, zero_init=a.zero_init)
+    t = Table(title=f"Layouts tried for {cfg.preset} on {where}, fastest first", title_justify="left")
+    for col in ("layout", "GPU peak", "CPU peak", "fits"):
+        t.add_column(col, justify="left" if col == "layout" else "right")
+    for lay, pl in ch.tried:
+        t.add_row(lay.label, fmt_bytes(pl.gpu.total if pl.gpu else None), fmt_bytes(pl.cpu.total),
+                  "yes" if pl.fits else "no")
+    console.print(t)
+    if ch.layout is None:
+        console.print("[bold red]no layout fits[/]: shown above is the last tried; see --fit for what does")
+        render(ch.tried[-1][1], cfg.preset, console)
+        return 0
+    console.print(f"[bold]chosen: {ch.layout.label}[/] (moe-train flags: {ch.layout.train_flags})")
+    render(ch.plan, cfg.preset, console)
+    return 0

@@ -22,13 +22,15 @@ from .config import ModelConfig
 
 NS_STEPS = 5   # muon_update(..., ns_steps=5), DeepSpeed's default; moe_dist does not change it
 
-# Newton-Schulz FLOP rate of this project's CPU, fp32 (the brief's precision; DeepSpeed's own choice on
-# this CPU, fp16, measured within a few percent of it). Measured by benchmarks/bench_muon_cpu.py on
-# 2026-11-30: Intel Xeon (Emerald Rapids, KVM), 2 cores, torch 2.13 CPU, 2 intra-op threads, median
-# over the 4090 preset's matrices; see benchmarks/results/2026-11-30-muon-cpu/results.md for the load
-# and the 1-thread figure. A desktop CPU differs (cores, AVX-512, memory bandwidth): measure it there.
-MUON_CPU_FLOPS = 38.6e9   # PLACEHOLDER from a loaded smoke run; replaced below
-MUON_CPU_FLOPS_SOURCE = "2 cores of an Intel Xeon (Emerald Rapids), fp32, 2 threads"
+# Newton-Schulz FLOP rate of ONE core of this project's CPU, fp32: FLOPs (ns_flops) per second of process
+# CPU time of one torch thread running DeepSpeed's muon_update over the 4090 preset's matrices. Measured
+# by benchmarks/bench_muon_cpu.py on 2026-11-30 (Intel Xeon, Emerald Rapids, 2 vCPUs under KVM, AVX-512,
+# torch 2.13 CPU): 112.7, 120.6 and 125.4 GFLOP per CPU second in three runs, median 120.6
+# (benchmarks/results/2026-11-30-muon-cpu/repeats.md). CPU time, not wall time, because the machine is
+# shared (load 5-7 on 2 cores throughout): wall time includes waiting for a core. fp32 is the brief's precision; DeepSpeed's own choice on this CPU (fp16, ns_compute_dtype) ran
+# within ~10% of it. Other CPUs differ (cores, AVX-512, memory bandwidth): run the script there.
+MUON_CPU_FLOPS_PER_CORE = 120.6e9
+MUON_CPU_FLOPS_SOURCE = "one core of an Intel Xeon (Emerald Rapids), fp32"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,19 @@ def muon_step_flops(m: ModelConfig, ep_size: int = 1) -> int:
     return sum(x.count // (ep_size if x.expert else 1) * ns_flops(x.rows, x.cols) for x in muon_matrices(m))
 
 
-def muon_cpu_seconds(m: ModelConfig, ep_size: int = 1, flops_per_s: float | None = None) -> float:
-    """Seconds of Newton-Schulz per optimizer step on a CPU with ``flops_per_s`` (default: the measured rate)."""
-    return muon_step_flops(m, ep_size) / (flops_per_s or MUON_CPU_FLOPS)
+def muon_cpu_seconds(m: ModelConfig, ep_size: int = 1, cores: int = 1) -> float:
+    """Seconds of Newton-Schulz per optimizer step at the measured per-core rate, ``cores`` cores at best
+    dividing it (torch's intra-op threads; a lower bound for cores > 1, which was not measured here)."""
+    return muon_step_flops(m, ep_size) / (MUON_CPU_FLOPS_PER_CORE * cores)
+
+
+def muon_step_note(m: ModelConfig, ep: int, accelerator: str) -> str:
+    """The CPU time of one offloaded Muon step, from DeepSpeed's Newton-Schulz FLOPs and the measured rate."""
+    flops = muon_step_flops(m, ep)
+    cpu = (f"Muon on CPU: ~{muon_cpu_seconds(m, ep):,.0f} s per optimizer step for these matrices on one core "
+           f"({flops / 1e12:.2f} TFLOP of Newton-Schulz per rank at {MUON_CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s, "
+           f"measured on {MUON_CPU_FLOPS_SOURCE}, see benchmarks/bench_muon_cpu.py); n cores divide it by at most n")
+    if accelerator == "cpu":
+        return cpu + "."
+    return (cpu + ". With a GPU, DeepSpeed 0.19.8 runs this step on the GPU, not the CPU: its offloaded Muon copies "
+            "each Muon gradient and momentum to the accelerator for Newton-Schulz (_apply_muon_updates_cpu_offload).")

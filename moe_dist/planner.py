@@ -19,7 +19,9 @@ E experts, V vocab, c matrices per expert (swiglu 3, silu_mlp 2; hidden tensors 
 Model states per rank (bytes), following what DeepSpeed 0.19 allocates:
   ZeRO-1/2  params lp*(Pne + Pe/ep); grads lp*S (ZeRO-2; ZeRO-1 keeps full lp grads) + fp32 grad
             partition 4*S built for the step; master 4*S; AdamW 8 B/param, Muon 4 B/param.
-            Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params.
+            Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params. Muon with offload:
+            DeepSpeed copies the fp32 Muon grads + momentum to the GPU for Newton-Schulz (8 B/param of
+            one ZeRO-3 sub_group, gathered to full on several ranks; ZeRO-2: 64 MiB batches).
   ZeRO-3    params lp*S (+ lp*LL gathered, + small persistent params); grads lp*LL in flight,
             lp*S partition buffer, fp32 grads 4*S (offload: on CPU) or one sub_group at the step.
   Init      every rank builds the full fp32 model on CPU (4*P) before DeepSpeed partitions it;
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
-from .muon_cost import MUON_CPU_FLOPS, MUON_CPU_FLOPS_SOURCE, muon_step_flops
+from .muon_cost import muon_step_note
 from .parallel.deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
 
 GiB = 2**30
@@ -415,18 +417,6 @@ def muon_offload_rows(add: Any, s: Settings, largest: int, S_muon: float) -> Non
             "fp32, 64 MiB batches (_muon_allgather_max_buffer_bytes)")
 
 
-def muon_step_note(m: ModelConfig, ep: int, accelerator: str) -> str:
-    """The CPU time of one offloaded Muon step, from DeepSpeed's Newton-Schulz FLOPs and a measured rate."""
-    flops = muon_step_flops(m, ep)
-    cpu = (f"Muon on CPU: ~{flops / MUON_CPU_FLOPS:,.0f} s per optimizer step for these matrices "
-           f"({flops / 1e12:.2f} TFLOP of Newton-Schulz per rank at {MUON_CPU_FLOPS / 1e9:.0f} GFLOP/s, measured on "
-           f"{MUON_CPU_FLOPS_SOURCE}, see benchmarks/bench_muon_cpu.py)")
-    if accelerator == "cpu":
-        return cpu + "."
-    return (cpu + ". With a GPU, DeepSpeed 0.19.8 runs this step on the GPU, not the CPU: its offloaded Muon copies "
-            "each Muon gradient and momentum to the accelerator for Newton-Schulz (_apply_muon_updates_cpu_offload).")
-
-
 # --------------------------------------------------------------------------- CLI
 def parse_bytes(text: str) -> int:
     """'24GB', '1.5TiB', '512M', '1e9' -> bytes. GB and GiB both mean 2^30 (as DeepSpeed prints)."""
@@ -540,6 +530,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     if a.choose or a.fit:
+        from .layout_search import main_search
+
         try:
             return main_search(a, console)
         except ConfigError as e:
@@ -555,66 +547,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         console.print(f"[red]error:[/] {e}")
         return 2
     render(pl, cfg.preset, console)
-    return 0
-
-
-def main_search(a: argparse.Namespace, console: Any) -> int:
-    """``--choose`` and ``--fit`` (moe_dist.layout_search)."""
-    from rich.table import Table
-
-    from .layout_search import choose, fit
-
-    fixed = [f for f, v in (("--zero-stage", a.zero_stage), ("--ep-size", a.ep_size),
-                            ("--offload-optimizer", a.offload_optimizer), ("--offload-params", a.offload_params))
-             if v is not None]
-    if fixed:
-        raise ConfigError(f"{'--fit' if a.fit else '--choose'} picks the layout itself; drop {', '.join(fixed)} "
-                          f"(or drop {'--fit' if a.fit else '--choose'} to plan that layout)")
-    cfg = config_from_args(a)
-    hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
-                  nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
-    launch = read_launch_json(a.launch_config)
-    where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
-    if a.fit:
-        results = fit(cfg, hw, launch, zero_init=a.zero_init)
-        m = cfg.model
-        t = Table(title=f"Largest {cfg.preset}-family model that fits {where}", title_justify="left")
-        for col in ("experts", "d_model", "layers", "heads", "d_ff", "total params", "layout", "GPU peak", "CPU peak"):
-            t.add_column(col, justify="left" if col == "layout" else "right")
-        for r in results:
-            pl, rm = r.choice.plan, r.cfg.model
-            t.add_row(str(r.num_experts), str(r.d_model), str(r.n_layers), str(rm.n_heads), str(rm.d_ff),
-                      fmt_count(r.params), r.choice.layout.label, fmt_bytes(pl.gpu.total if pl.gpu else None),
-                      fmt_bytes(pl.cpu.total))
-        console.print(t)
-        console.print(f"scaled: d_model (multiples of head_dim {m.head_dim}) with n_layers at d_model/n_layers = "
-                      f"{m.d_model / m.n_layers:.4g}, then layers added while they fit; d_ff = d_model x "
-                      f"{m.d_ff / m.d_model:g} rounded to 64; num_experts; kept: head_dim, top_k {m.top_k}, {m.expert_type} experts, "
-                      f"vocab {m.vocab_size}, micro batch x seq, global batch, activation checkpointing, optimizer.")
-        if not results:
-            console.print("[bold red]nothing fits[/]: not even one layer of the smallest d_model")
-            return 0
-        top = results[0]
-        console.print(f"[bold]largest: {fmt_count(top.params)} params[/] (d_model {top.d_model}, {top.n_layers} "
-                      f"layers, {top.num_experts} experts), {top.choice.layout.label}. Train it with: "
-                      f"--set model.d_model={top.d_model} --set model.n_heads={top.cfg.model.n_heads} "
-                      f"--set model.d_ff={top.cfg.model.d_ff} --set model.n_layers={top.n_layers} "
-                      f"--set model.num_experts={top.num_experts} {top.choice.layout.train_flags}")
-        return 0
-    ch = choose(cfg, hw, launch, zero_init=a.zero_init)
-    t = Table(title=f"Layouts tried for {cfg.preset} on {where}, fastest first", title_justify="left")
-    for col in ("layout", "GPU peak", "CPU peak", "fits"):
-        t.add_column(col, justify="left" if col == "layout" else "right")
-    for lay, pl in ch.tried:
-        t.add_row(lay.label, fmt_bytes(pl.gpu.total if pl.gpu else None), fmt_bytes(pl.cpu.total),
-                  "yes" if pl.fits else "no")
-    console.print(t)
-    if ch.layout is None:
-        console.print("[bold red]no layout fits[/]: shown above is the last tried; see --fit for what does")
-        render(ch.tried[-1][1], cfg.preset, console)
-        return 0
-    console.print(f"[bold]chosen: {ch.layout.label}[/] (moe-train flags: {ch.layout.train_flags})")
-    render(ch.plan, cfg.preset, console)
     return 0
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from moe_dist.config import ModelConfig, apply_overrides, get_preset
 from moe_dist.layout_search import candidate_layouts, choose, family_depth, fit, scaled
-from moe_dist.muon_cost import MUON_CPU_FLOPS, muon_matrices, muon_step_flops, ns_flops
+from moe_dist.muon_cost import MUON_CPU_FLOPS_PER_CORE, muon_matrices, muon_step_flops, ns_flops
 from moe_dist.planner import GiB, Hardware, build_parser, main, plan
 
 ONE_4090 = dict(gpu_mem=24 * GiB, gpus_per_node=1)
@@ -70,7 +70,8 @@ def test_muon_step_flops_split_by_expert_parallelism():
 def test_muon_cpu_line_when_offloading_with_muon(capsys):
     """The line states the FLOP count / the measured rate, on a CUDA and on a CPU plan, only with offload + Muon."""
     m = get_preset("4090").model
-    expected = f"Muon on CPU: ~{muon_step_flops(m) / MUON_CPU_FLOPS:,.0f} s per optimizer step for these matrices"
+    expected = (f"Muon on CPU: ~{muon_step_flops(m) / MUON_CPU_FLOPS_PER_CORE:,.0f} s per optimizer step for these "
+                "matrices on one core")
     base = ["--preset", "4090", "--zero-stage", "3", "--gpu-mem", "24GB", "--cpu-mem", "64GB"]
     for extra, shown in ((["--offload-optimizer"], True), (["--offload-optimizer", "--accelerator", "cpu"], True),
                          (["--offload-optimizer", "--optimizer", "adamw"], False), (["--no-offload-optimizer"], False)):
