@@ -201,11 +201,13 @@ def main_search(a: argparse.Namespace, console: Any) -> int:
             console.print("[bold red]nothing fits[/]: not even one layer of the smallest d_model")
             return 0
         top = results[0]
+        tm = top.cfg.model
+        model_flags = " ".join(f"--set model.{k}={getattr(tm, k)}" for k in
+                               ("d_model", "n_heads", "n_kv_heads", "d_ff", "n_layers", "num_experts")
+                               if getattr(tm, k) is not None)
         console.print(f"[bold]largest: {fmt_count(top.params)} params[/] (d_model {top.d_model}, {top.n_layers} "
                       f"layers, {top.num_experts} experts), {top.choice.layout.label}. Train it with: "
-                      f"--set model.d_model={top.d_model} --set model.n_heads={top.cfg.model.n_heads} "
-                      f"--set model.d_ff={top.cfg.model.d_ff} --set model.n_layers={top.n_layers} "
-                      f"--set model.num_experts={top.num_experts} {top.choice.layout.train_flags}")
+                      f"{model_flags} {top.choice.layout.train_flags}")
         return 0
     ch = choose(cfg, hw, launch, zero_init=a.zero_init)
     t = Table(title=f"Layouts tried for {cfg.preset} on {where}, fastest first", title_justify="left")
