@@ -4,7 +4,7 @@ Torch-free (the planner imports it). The FLOP count mirrors DeepSpeed 0.19.8's o
 ``deepspeed/runtime/zero/muon/original_muon.py``, matmul by matmul (2*a*b*c for an (a x b) @ (b x c)
 product; the O(numel) elementwise work is left out). DeepSpeed's default ``ns_method`` is ``"gram"``
 (moe_dist does not set it): ``zeropower_via_gram_newtonschulz``, which for a square matrix runs the
-standard quintic iteration. ``tests/unit/test_muon_cost.py`` checks these counts against
+standard quintic iteration. ``tests/unit/test_layout_search.py`` checks these counts against
 ``torch.utils.flop_counter`` running DeepSpeed's functions.
 
 Where it runs: with optimizer offload DeepSpeed's ``_apply_muon_updates_cpu_offload`` (ZeRO-2:
@@ -27,8 +27,9 @@ NS_STEPS = 5   # muon_update(..., ns_steps=5), DeepSpeed's default; moe_dist doe
 # by benchmarks/bench_muon_cpu.py on 2026-11-30 (Intel Xeon, Emerald Rapids, 2 vCPUs under KVM, AVX-512,
 # torch 2.13 CPU): 112.7, 120.6 and 125.4 GFLOP per CPU second in three runs, median 120.6
 # (benchmarks/results/2026-11-30-muon-cpu/repeats.md). CPU time, not wall time, because the machine is
-# shared (load 5-7 on 2 cores throughout): wall time includes waiting for a core. fp32 is the brief's precision; DeepSpeed's own choice on this CPU (fp16, ns_compute_dtype) ran
-# within ~10% of it. Other CPUs differ (cores, AVX-512, memory bandwidth): run the script there.
+# shared (load 5-7 on 2 cores throughout): wall time includes waiting for a core. fp32 because DeepSpeed
+# computes in it on a CPU without oneDNN fp16 (ns_compute_dtype); on this CPU it picks fp16, which ran
+# within 7% of fp32 in each run. Other CPUs differ (cores, AVX-512, memory bandwidth): run the script there.
 MUON_CPU_FLOPS_PER_CORE = 120.6e9
 MUON_CPU_FLOPS_SOURCE = "one core of an Intel Xeon (Emerald Rapids), fp32"
 
