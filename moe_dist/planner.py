@@ -20,8 +20,8 @@ Model states per rank (bytes), following what DeepSpeed 0.19 allocates:
   ZeRO-1/2  params lp*(Pne + Pe/ep); grads lp*S (ZeRO-2; ZeRO-1 keeps full lp grads) + fp32 grad
             partition 4*S built for the step; master 4*S; AdamW 8 B/param, Muon 4 B/param.
             Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params. Muon with offload:
-            DeepSpeed copies the fp32 Muon grads + momentum to the GPU for Newton-Schulz (8 B/param of
-            one ZeRO-3 sub_group, gathered to full on several ranks; ZeRO-2: 64 MiB batches).
+            DeepSpeed copies the fp32 Muon grads + momentum to the GPU for Newton-Schulz (ZeRO-3: 8 B/param
+            of one sub_group + its lp copies, gathered to full on several ranks; ZeRO-2: 64 MiB batches).
   ZeRO-3    params lp*S (+ lp*LL gathered, + small persistent params); grads lp*LL in flight,
             lp*S partition buffer, fp32 grads 4*S (offload: on CPU) or one sub_group at the step.
   Init      every rank builds the full fp32 model on CPU (4*P) before DeepSpeed partitions it;
@@ -406,11 +406,15 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
 def muon_offload_rows(add: Any, s: Settings, largest: int, S_muon: float) -> None:
     """GPU copies of the Muon gradients and momentum that DeepSpeed's offloaded Muon step makes
     (``_apply_muon_updates_cpu_offload``: fp32 grad + momentum to ``get_accelerator().current_device_name()``)."""
-    n = s.world_size
-    if s.zero_stage == 3:   # stage3.py: one sub_group's Muon partitions, then (world > 1) all-gathered to full
+    n, lp = s.world_size, (2 if s.precision == "bf16" else 4)
+    if s.zero_stage == 3:
+        # stage3.py, per sub_group: its Muon grad and momentum partitions copied to the GPU in fp32 (8 B),
+        # then _partitioned_buffers_all_gather in the gradient-accumulation dtype (= the lp dtype): one
+        # world: a converted copy unless already fp32; several: local + gather + rearrange buffers.
         part = min(S_muon, s.zero["sub_group_size"])
-        add("gpu", "Muon grads + momentum copied to GPU (offload step)", 8 * part * (1 + n if n > 1 else 1),
-            "optimizer", "step", f"fp32, one sub_group{'; gathered to full' if n > 1 else ''}")
+        comm = (0 if lp == 4 else 2 * lp * part) if n == 1 else 2 * lp * part * (1 + 2 * n)
+        add("gpu", "Muon grads + momentum copied to GPU (offload step)", 8 * part + comm, "optimizer", "step",
+            f"fp32 + {s.precision} copies of one sub_group's Muon params" + ("; gathered to full" if n > 1 else ""))
     else:                   # stage_1_and_2.py: batches of <= 64 MiB (a larger matrix alone), 256 MiB gather cache
         add("gpu", "Muon grads + momentum copied to GPU (offload step)",
             max(64 * 2**20, 8 * largest) + (256 * 2**20 if n > 1 else 0), "optimizer", "step",

@@ -82,15 +82,19 @@ def test_muon_cpu_line_when_offloading_with_muon(capsys):
             assert "runs this step on the GPU" in out
 
 
-def test_offloaded_muon_copies_grads_and_momentum_to_the_gpu():
-    """ZeRO-3 offload + Muon on one GPU: fp32 grad + momentum of the Muon params (one sub_group) on the GPU."""
+@pytest.mark.parametrize("precision,copies", [("fp32", 0), ("bf16", 2 * 2)])
+def test_offloaded_muon_copies_grads_and_momentum_to_the_gpu(precision, copies):
+    """ZeRO-3 offload + Muon on one GPU, all Muon params in one sub_group: DeepSpeed's stage3.py moves the fp32
+    grad and momentum partitions to the GPU (8 B/param), then converts both to the gradient-accumulation dtype
+    (bf16: 2 x 2 B more; fp32: no copy). AdamW makes no such copies."""
     cfg = get_preset("4090")
     hw = Hardware(**ONE_4090)
     launch = {"zero_optimization": {"stage": 3, "sub_group_size": 10**12}}
-    muon, adamw = (plan(apply_overrides(cfg, {"train.optimizer": o, "parallel.offload_optimizer": True}), hw, launch)
+    muon, adamw = (plan(apply_overrides(cfg, {"train.optimizer": o, "parallel.offload_optimizer": True,
+                                              "parallel.precision": precision}), hw, launch)
                    for o in ("muon", "adamw"))
     n_muon = sum(x.rows * x.cols * x.count for x in muon_matrices(cfg.model))
-    assert muon.gpu.get("Muon grads + momentum copied to GPU") == 8 * n_muon
+    assert muon.gpu.get("Muon grads + momentum copied to GPU") == (8 + copies) * n_muon
     assert adamw.gpu.get("Muon grads + momentum copied to GPU") == 0
 
 
