@@ -8,8 +8,9 @@ lerp, Nesterov blend, ``zeropower_via_gram_newtonschulz`` - DeepSpeed's default 
 the aspect-ratio scale) on a random fp32 gradient and momentum of every distinct Muon matrix shape of
 the model (``moe_dist.muon_cost.muon_matrices``), eagerly: DeepSpeed wraps these functions in
 ``torch.compile``, whose compilation is not what is measured here, and inductor leaves matmuls (all
-the FLOPs) to the same aten kernels by default. Each shape is timed ``reps`` times (shapes interleaved, order rotating), the median kept;
-one step = sum over shapes of (count x median). Two compute dtypes: fp32, and the one DeepSpeed
+the FLOPs) to the same aten kernels by default. Each shape is timed ``reps`` times (shapes
+interleaved, order rotating), the median kept; one step = sum over shapes of (count x median), in
+wall time and in process CPU time. Two compute dtypes: fp32, and the one DeepSpeed
 picks on this CPU (``ns_compute_dtype("gram")``: fp16 where oneDNN supports it, else fp32).
 The achieved FLOP rate (``muon_cost.ns_flops``, DeepSpeed's matmuls counted exactly) is what
 ``moe-plan`` divides by (``muon_cost.MUON_CPU_FLOPS_PER_CORE``: fp32, 1 thread, per CPU second).
