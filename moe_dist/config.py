@@ -227,7 +227,7 @@ def _preset_4090() -> RunConfig:
                     expert_type="silu_mlp", max_seq_len=1024)
     t = TrainConfig(global_batch_size=32, micro_batch_size=2, seq_len=1024, warmup_steps=500, max_steps=50000,
                     muon_lr=0.02, adamw_lr=3e-4, eval_every=500, eval_batches=20)
-    # ZeRO stage and offload come from the launch config (launch_configs/4090_offload.json).
+    # ZeRO stage and offload come from the launch config (launch_configs/4090.json: ZeRO-1, no offload).
     p = ParallelConfig(activation_checkpointing=True)
     return RunConfig(model=m, train=t, parallel=p, preset="4090")
 

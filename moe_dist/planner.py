@@ -3,6 +3,8 @@
     moe-plan --preset 4090 --gpu-mem 24GB --cpu-mem 64GB
     moe-plan --preset 18b --gpus-per-node 8 --nodes 2 --gpu-mem 180GB --cpu-mem 2TB --zero-stage 2 --ep-size 8
     moe-plan --preset tiny --accelerator cpu --precision fp32 --zero-stage 2      # the CPU demo
+    moe-plan --preset 18b --choose --gpu-mem 24GB --cpu-mem 128GB                  # the fastest layout that fits
+    moe-plan --preset 4090 --fit --gpu-mem 24GB --cpu-mem 64GB                     # the largest model that fits
 
 Everything is analytic: parameter counts come from ``ModelConfig`` (no model is built, torch is
 not imported), the ZeRO stage / offload / buckets from the same DeepSpeed config the trainer
@@ -17,7 +19,9 @@ E experts, V vocab, c matrices per expert (swiglu 3, silu_mlp 2; hidden tensors 
 Model states per rank (bytes), following what DeepSpeed 0.19 allocates:
   ZeRO-1/2  params lp*(Pne + Pe/ep); grads lp*S (ZeRO-2; ZeRO-1 keeps full lp grads) + fp32 grad
             partition 4*S built for the step; master 4*S; AdamW 8 B/param, Muon 4 B/param.
-            Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params.
+            Offload: grads 4*S, master, states on CPU; GPU keeps only the lp params. Muon with offload:
+            DeepSpeed copies the fp32 Muon grads + momentum to the GPU for Newton-Schulz (ZeRO-3: 8 B/param
+            of one sub_group + its lp copies, gathered to full on several ranks; ZeRO-2: 64 MiB batches).
   ZeRO-3    params lp*S (+ lp*LL gathered, + small persistent params); grads lp*LL in flight,
             lp*S partition buffer, fp32 grads 4*S (offload: on CPU) or one sub_group at the step.
   Init      every rank builds the full fp32 model on CPU (4*P) before DeepSpeed partitions it;
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
+from .muon_cost import muon_step_note
 from .parallel.deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
 
 GiB = 2**30
@@ -338,8 +343,11 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
     if s.optimizer == "muon":  # on the largest Muon matrix: fp32 update + 2 bf16 iterates, two k x k products
         m = cfg.model
         r, c = max([(m.d_model, m.d_model), (m.d_model, m.d_ff), (m.num_experts, m.d_model)], key=lambda x: x[0] * x[1])
-        add(opt_dev, "Muon Newton-Schulz workspace", 8 * r * c + 4 * min(r, c) ** 2, "optimizer", "step",
+        # on the accelerator even with offload: DeepSpeed copies the Muon gradients there (muon_cost.py)
+        add("gpu", "Muon Newton-Schulz workspace", 8 * r * c + 4 * min(r, c) ** 2, "optimizer", "step",
             f"largest matrix {r}x{c}")
+        if s.offload_optimizer and hw.accelerator == "cuda":
+            muon_offload_rows(add, s, r * c, S_muon)
     # activations
     for r in activation_rows(cfg.model, s, cfg.parallel.capacity_factor):
         rows["gpu"].append(r)
@@ -385,12 +393,32 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
                                       "; ".join(x for x in note if x)))
     gpu = DeviceReport("GPU", "per GPU", hw.gpu_mem, rows["gpu"]) if hw.accelerator == "cuda" else None
 
+    if s.optimizer == "muon" and s.offload_optimizer:
+        notes.append(muon_step_note(cfg.model, s.ep_size, hw.accelerator))
     if cfg.train.optimizer == "muon" and s.optimizer == "adamw":
         notes.append("ZeRO-3 with reduce_scatter: the trainer falls back to AdamW for all parameters (planned so).")
     if cpu.biggest.phase == "init" and cpu.biggest.bytes > cpu.total / 2:
         notes.append(f"CPU peak is the fp32 model each of the {per_node} local rank(s) builds at start-up, before "
                      "sharding; staggered or meta-device construction, or zero.Init (ZeRO-3, --zero-init), removes it.")
     return Plan(s, pc, gpu, cpu, notes)
+
+
+def muon_offload_rows(add: Any, s: Settings, largest: int, S_muon: float) -> None:
+    """GPU copies of the Muon gradients and momentum that DeepSpeed's offloaded Muon step makes
+    (``_apply_muon_updates_cpu_offload``: fp32 grad + momentum to ``get_accelerator().current_device_name()``)."""
+    n, lp = s.world_size, (2 if s.precision == "bf16" else 4)
+    if s.zero_stage == 3:
+        # stage3.py, per sub_group: its Muon grad and momentum partitions copied to the GPU in fp32 (8 B),
+        # then _partitioned_buffers_all_gather in the gradient-accumulation dtype (= the lp dtype): one
+        # world: a converted copy unless already fp32; several: local + gather + rearrange buffers.
+        part = min(S_muon, s.zero["sub_group_size"])
+        comm = (0 if lp == 4 else 2 * lp * part) if n == 1 else 2 * lp * part * (1 + 2 * n)
+        add("gpu", "Muon grads + momentum copied to GPU (offload step)", 8 * part + comm, "optimizer", "step",
+            f"fp32 + {s.precision} copies of one sub_group's Muon params" + ("; gathered to full" if n > 1 else ""))
+    else:                   # stage_1_and_2.py: batches of <= 64 MiB (a larger matrix alone), 256 MiB gather cache
+        add("gpu", "Muon grads + momentum copied to GPU (offload step)",
+            max(64 * 2**20, 8 * largest) + (256 * 2**20 if n > 1 else 0), "optimizer", "step",
+            "fp32, 64 MiB batches (_muon_allgather_max_buffer_bytes)")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -446,6 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-init", action="store_true", help="Plan ZeRO-3 construction under deepspeed.zero.Init.")
     p.add_argument("--host-buffer-factor", type=float, default=1.5,
                    help="Slack on host-side model states (DeepSpeed's additional_buffer_factor).")
+    p.add_argument("--choose", action="store_true",
+                   help="Pick the layout: try ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-2 + optimizer offload, ZeRO-3 + optimizer "
+                   "offload, ZeRO-3 + optimizer and parameter offload (with every EP degree on several GPUs), fastest "
+                   "first, and plan the first whose GPU and CPU peaks fit. Not with --zero-stage, --ep-size or "
+                   "--offload-*.")
+    p.add_argument("--fit", action="store_true",
+                   help="The largest model of the preset's family that fits this machine: scales d_model (multiples "
+                   "of head_dim) with n_layers at the preset's aspect ratio, then adds layers while they fit; d_ff "
+                   "keeps its ratio to d_model; num_experts x1/2, 1, 2, 4. Keeps head_dim, top_k, vocabulary and "
+                   "batch. Each candidate gets the --choose layout.")
     return p
 
 
@@ -495,6 +533,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     a = build_parser().parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    if a.choose or a.fit:
+        from .layout_search import main_search
+
+        try:
+            return main_search(a, console)
+        except ConfigError as e:
+            console.print(f"[red]error:[/] {e}")
+            return 2
     try:
         cfg = config_from_args(a)
         hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
