@@ -239,6 +239,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder, instead of the tokenizer "
+                   "stored with the checkpoint")
     return p
 
 
@@ -254,12 +256,18 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     try:
         info = checkpoint_info(a.checkpoint)
         model, cfg = _build(info, a.device)
-        tok = tokenizer_from_spec(info.tokenizer) if info.tokenizer.get("type") else load_tokenizer(cfg.data.tokenizer)
+        if a.tokenizer:
+            tok = load_tokenizer(a.tokenizer)
+        elif info.tokenizer.get("type"):
+            tok = tokenizer_from_spec(info.tokenizer)
+        else:  # written before checkpoints recorded their tokenizer
+            tok = load_tokenizer(cfg.data.tokenizer)
     except (CheckpointError, DataError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     if tok.vocab_size > cfg.model.vocab_size:
-        err.print(f"[red]error:[/] tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")
+        err.print(f"[red]error:[/] tokenizer {escape(repr(tok))} has {tok.vocab_size} ids, the model only "
+                  f"{cfg.model.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
         return 2
     prompt = tok.encode(a.prompt) or [tok.eos_id]
     gen = torch.Generator().manual_seed(a.seed)
