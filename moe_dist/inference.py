@@ -40,7 +40,7 @@ from .checkpoint import layout
 from .checkpoint.errors import CheckpointError
 from .config import RunConfig
 from .checkpoint.reader import MODEL_PREFIX, Checkpoint, run_config
-from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
+from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
 
 
 @dataclass
@@ -80,6 +80,9 @@ def _safetensors_info(path: Path) -> CheckpointInfo:
     folder = path.parent if path.is_file() else path
     files = [path] if path.suffix == ".safetensors" else safetensors_files(folder, path if path.is_file() else None)
     cfg_path = folder / MOE_CONFIG
+    if not cfg_path.exists() and is_hf_export(folder):
+        raise CheckpointError(f"{folder}: a --format hf export (Mixtral names, no {MOE_CONFIG}); load it with "
+                              "transformers.AutoModelForCausalLM.from_pretrained, or use the .pt / safetensors export")
     try:
         info = json.loads(cfg_path.read_text())
         config = info["config"]
