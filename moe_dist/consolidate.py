@@ -417,12 +417,9 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     _check_output(out_path, folder, fmt, force)
     ckpt = Checkpoint(folder, verify=verify_manifest)
     if fmt == "hf":
-        from .export_hf import ExportError, check_exportable
+        from .export_hf import check_exportable
 
-        try:
-            check_exportable(ckpt.config.model)  # before anything is written
-        except ExportError as e:
-            raise ConsolidateError(str(e)) from None
+        check_exportable(ckpt.config.model)  # before anything is written
 
     t0 = time.perf_counter()
     total_read = sum(s.numel * ckpt.stored_dtype(s).itemsize for s in ckpt.layout.stored)
@@ -438,12 +435,9 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
             os.replace(tmp, out_path)
         else:
             if fmt == "hf":
-                from .export_hf import ExportError, write_hf
+                from .export_hf import write_hf
 
-                try:
-                    written = write_hf(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
-                except ExportError as e:
-                    raise ConsolidateError(str(e)) from None
+                written = write_hf(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
             else:
                 written = _write_safetensors(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
             if out_path.exists():

@@ -40,6 +40,7 @@ import torch
 
 from .checkpoint.reader import Advance, Checkpoint
 from .config import ModelConfig
+from .consolidate import ConsolidateError, write_safetensors_shards
 from .data.errors import DataError
 from .data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
 
@@ -62,7 +63,7 @@ _RENAMES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
 ]
 
 
-class ExportError(ValueError):
+class ExportError(ConsolidateError):
     """The model cannot be written as a transformers model; the message says why."""
 
 
@@ -151,8 +152,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_hf(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, budget: int,
              progress: Optional[Advance]) -> int:
     """Write the export into ``out`` (an empty folder); returns the weight bytes written."""
-    from .consolidate import write_safetensors_shards
-
     cfg = ckpt.config.model
     check_exportable(cfg)
     spec = ckpt.state.get("tokenizer") or {}
