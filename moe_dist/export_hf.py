@@ -4,22 +4,19 @@
 Our block is Mixtral's, exactly: pre-norm RMSNorm, rotary positions in the rotate-half layout with
 ``inv_freq = theta ** (-2i / head_dim)`` (so q/k need no permutation), grouped-query attention whose
 k/v head ``g`` serves the ``n_heads / kv_heads`` consecutive query heads from ``g * n_heads / kv_heads``
-(our ``repeat_interleave`` is Mixtral's ``repeat_kv``), and routing by an fp32 softmax over all experts, top-k, then the k weights
-renormalised to sum to 1 (Mixtral's router does the same). Router noise and the capacity limit are
-training-only; ``router_jitter_noise`` is 0. Tensor names (the Hub's Mixtral layout, which vLLM and
-transformers 4.x read as is and transformers 5.x fuses into ``mlp.experts.gate_up_proj`` on load):
+(our ``repeat_interleave`` is Mixtral's ``repeat_kv``), and routing by an fp32 softmax over all
+experts, top-k, then the k weights renormalised to sum to 1 (Mixtral's router does the same). Router
+noise and the capacity limit are training-only; ``router_jitter_noise`` is 0. Tensor names are those
+of the Mixtral checkpoints on the Hub (what transformers 4.x and vLLM's Mixtral loader read);
+transformers 5.x fuses the experts into ``mlp.experts.gate_up_proj`` / ``down_proj`` on load (the
+tests load with the installed 5.x):
 
-=========================================  ===================================================
-ours                                       Mixtral
-=========================================  ===================================================
-``embed.weight``                           ``model.embed_tokens.weight``
-``layers.i.attn_norm`` / ``ffn_norm``      ``model.layers.i.input_layernorm`` / ``post_attention_layernorm``
-``layers.i.attn.wq/wk/wv/wo``              ``model.layers.i.self_attn.q_proj/k_proj/v_proj/o_proj``
-``layers.i.ffn.router``                    ``model.layers.i.block_sparse_moe.gate``
-``layers.i.ffn.experts.e.w_gate/w_up/w_down``  ``model.layers.i.block_sparse_moe.experts.e.w1/w3/w2``
-``norm.weight``                            ``model.norm.weight``
-``lm_head.weight``                         ``lm_head.weight`` (absent when tied: ``tie_word_embeddings``)
-=========================================  ===================================================
+* ``embed.weight`` -> ``model.embed_tokens.weight``; ``norm.weight`` -> ``model.norm.weight``
+* ``layers.i.attn_norm`` / ``ffn_norm`` -> ``model.layers.i.input_layernorm`` / ``post_attention_layernorm``
+* ``layers.i.attn.wq/wk/wv/wo`` -> ``model.layers.i.self_attn.q_proj/k_proj/v_proj/o_proj``
+* ``layers.i.ffn.router`` -> ``model.layers.i.block_sparse_moe.gate``
+* ``layers.i.ffn.experts.e.w_gate/w_up/w_down`` -> ``model.layers.i.block_sparse_moe.experts.e.w1/w3/w2``
+* ``lm_head.weight`` -> ``lm_head.weight``, absent when tied (``tie_word_embeddings``)
 
 Refused (no transformers class computes them exactly): ``expert_type=silu_mlp`` experts
 (``down(silu(up(x)))``, Mixtral's are ``w2(silu(w1 x) * w3 x)``) and the ungated shared expert
