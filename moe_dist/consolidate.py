@@ -390,8 +390,9 @@ def is_hf_export(folder: Path) -> bool:
 def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, dtype: str = "fp32",
                 fmt: str = "pt", max_shard_size: Optional[str | int] = None, verify: bool = False,
                 verify_manifest: bool = True, force: bool = False, read_budget: str | int = DEFAULT_READ_BUDGET,
-                progress: Optional[Callable[[str, int], Advance]] = None) -> Result:
-    """Write the model of a DCP checkpoint as a ``.pt`` or a safetensors export (see module doc).
+                progress: Optional[Callable[[str, int], Advance]] = None, tokenizer: Optional[str] = None) -> Result:
+    """Write the model of a DCP checkpoint as a ``.pt``, a safetensors or an hf export (see module doc).
+    ``tokenizer`` ('byte' or a folder) is stored instead of the checkpoint's own.
 
     ``progress(description, total_bytes)`` may return a per-bytes callback (the CLI's rich bar)."""
     from .planner import parse_bytes
@@ -416,6 +417,8 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     out_path = Path(out) if out is not None else default_output(folder, step, fmt)
     _check_output(out_path, folder, fmt, force)
     ckpt = Checkpoint(folder, verify=verify_manifest)
+    if tokenizer is not None:
+        ckpt.state["tokenizer"] = _tokenizer_spec(tokenizer, ckpt.config.model.vocab_size)
     if fmt == "hf":
         from .export_hf import check_exportable
 
@@ -453,6 +456,20 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     return res
 
 
+def _tokenizer_spec(tokenizer: str, model_vocab: int) -> dict[str, Any]:
+    from .data.errors import DataError
+    from .data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except DataError as e:
+        raise ConsolidateError(f"--tokenizer: {e}") from None
+    if tok.vocab_size > model_vocab:
+        raise ConsolidateError(f"--tokenizer {tokenizer}: {tok.vocab_size} ids, the model only has {model_vocab}; "
+                               "pass the tokenizer it was trained with")
+    return tok.to_spec()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-consolidate",
@@ -472,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
     p.add_argument("--no-verify-manifest", action="store_true", help="skip the checkpoint's size/SHA-256 check")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder to store in the output "
+                   "instead of the checkpoint's own (e.g. an old checkpoint whose tokenizer folder is gone)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -495,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with bar:
             res = consolidate(a.checkpoint, a.out, dtype=a.dtype, fmt=a.fmt, max_shard_size=a.max_shard_size,
                               verify=a.verify, verify_manifest=not a.no_verify_manifest, force=a.force,
-                              read_budget=a.read_budget, progress=progress)
+                              read_budget=a.read_budget, progress=progress, tokenizer=a.tokenizer)
     except (ConsolidateError, CheckpointError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         return 1 if str(e).startswith("verify:") else 2

@@ -161,8 +161,8 @@ def write_hf(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, bu
             raise ExportError(str(e)) from None
         if files is None:
             raise ExportError(f"{ckpt.folder}: the checkpoint holds no tokenizer files and its tokenizer folder "
-                              f"{spec.get('path') or ckpt.config.data.tokenizer!r} is gone; --format hf needs them (checkpoints "
-                              "written by this moe_dist embed them)")
+                              f"{spec.get('path') or ckpt.config.data.tokenizer!r} is gone; --format hf needs them: pass the "
+                              "tokenizer with --tokenizer DIR")
     eos = spec.get("eos_id")
     write_tokenizer_files(files, out)  # first: the weights and configs below win any name clash
     total, _ = write_safetensors_shards(ckpt, out, dtype, max_shard, budget, progress, rename=hf_tensor_name)

@@ -85,7 +85,7 @@ def test_generate_tokenizer_flag_overrides(hf_checkpoint, tmp_path, capsys):
     assert rc == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
 
 
-def test_hf_export_refuses_a_checkpoint_without_tokenizer_files(tmp_path, capsys):
+def test_hf_export_of_a_checkpoint_without_tokenizer_files_needs_tokenizer_flag(tmp_path, capsys):
     _, folder = make_checkpoint(tmp_path / "run", TINY)
     state = json.loads((folder / layout.TRAIN_STATE).read_text())
     state["tokenizer"] = {"type": "hf", "path": str(tmp_path / "gone"), "vocab_size": 300, "eos_id": 0}
@@ -93,6 +93,13 @@ def test_hf_export_refuses_a_checkpoint_without_tokenizer_files(tmp_path, capsys
     write_manifest(folder, {"step": state["step"]})
     rc = consolidate_main([str(folder), "--format", "hf", "-o", str(tmp_path / "hf"), "-q"])
     err = capsys.readouterr().err
-    assert rc == 2 and "gone" in err and "tokenizer" in err and not (tmp_path / "hf").exists()
+    assert rc == 2 and "gone" in err and "--tokenizer" in err and not (tmp_path / "hf").exists()
     # the .pt export of the same checkpoint still works: it needs no tokenizer files
     assert consolidate_main([str(folder), "-o", str(tmp_path / "m.pt"), "-q"]) == 0
+    # --tokenizer supplies one: here a byte tokenizer, so the hf export gets the byte-level tokenizer
+    assert consolidate_main([str(folder), "--format", "hf", "-o", str(tmp_path / "hf"), "-q",
+                             "--tokenizer", "byte"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == 256 and (tmp_path / "hf" / "tokenizer.json").is_file()
+    rc = consolidate_main([str(folder), "-o", str(tmp_path / "n.pt"), "-q", "--tokenizer", str(tmp_path / "gone")])
+    assert rc == 2 and "--tokenizer" in capsys.readouterr().err and not (tmp_path / "n.pt").exists()
