@@ -5,6 +5,7 @@
     moe-consolidate runs/x/checkpoints/checkpoint_latest          # -> runs/x/checkpoints/consolidated_step_<N>.pt
     moe-consolidate CKPT -o model.pt --dtype bf16 --verify
     moe-consolidate CKPT --format safetensors --max-shard-size 2GB -o export/   # Hugging Face layout
+    moe-consolidate CKPT --format hf -o hf_model/     # transformers' MixtralForCausalLM (see export_hf)
 
 One process, CPU only: no process group, no DeepSpeed. Only the ``model.*`` keys are read
 (optimizer states and RNG are never touched), a few tensors at a time: each batch (at most
@@ -30,6 +31,12 @@ Outputs (``<ckpts>`` is the folder holding the checkpoint, i.e. ``CHECKPOINT/..`
   ``model.safetensors.index.json``; ``config.json`` (Hugging Face fields, ``model_type: moe_dist``) and
   ``moe_dist_config.json`` (step, run config, metrics, tokenizer). The tied head is not stored twice
   (``tie_word_embeddings``). Memory: about two shards (one and its serialized bytes) plus the read buffer.
+* ``--format hf`` (default folder ``<ckpts>/consolidated_step_<N>_hf/``): the same shards under Mixtral's
+  tensor names, a Mixtral ``config.json``, ``generation_config.json`` and the tokenizer files, loadable by
+  ``transformers.AutoModelForCausalLM.from_pretrained`` (``export_hf``).
+
+The tokenizer travels with every output: its spec (a Hugging Face tokenizer's with its files embedded)
+sits in the ``.pt`` and in ``moe_dist_config.json``; ``--format hf`` writes the tokenizer files.
 
 Exit codes: 0 done, 1 ``--verify`` found a difference, 2 a user error (one line, no traceback).
 """
@@ -229,8 +236,11 @@ def _plan_shards(specs: list[TensorSpec], itemsize: int, max_bytes: int) -> list
     return shards
 
 
-def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, budget: int,
-                       progress: Optional[Advance]) -> int:
+def write_safetensors_shards(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, budget: int,
+                             progress: Optional[Advance],
+                             rename: Callable[[str], str] = lambda name: name) -> tuple[int, list[str]]:
+    """The model's stored tensors as ``model.safetensors``, or above ``max_shard`` bytes numbered shards and
+    ``model.safetensors.index.json``, under ``rename(state_dict name)``. Returns (bytes, file names)."""
     from safetensors.torch import save_file
 
     stored = ckpt.layout.stored
@@ -245,9 +255,10 @@ def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shar
         part = {}
         for _ in shard:
             s, t = next(tensors)
-            part[s.name] = t.to(dtype, copy=True)  # t is a view into the reader's reused buffer
-            weight_map[s.name] = fname
-            total += part[s.name].nbytes
+            key = rename(s.name)
+            part[key] = t.to(dtype, copy=True)  # t is a view into the reader's reused buffer
+            weight_map[key] = fname
+            total += part[key].nbytes
             del t
         save_file(part, str(out / fname), metadata={"format": "pt"})
         os.chmod(out / fname, 0o666 & ~umask)  # safetensors creates files 0600
@@ -255,6 +266,12 @@ def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shar
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total, files
+
+
+def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, budget: int,
+                       progress: Optional[Advance]) -> int:
+    total, files = write_safetensors_shards(ckpt, out, dtype, max_shard, budget, progress)
     cfg = ckpt.config.model
     (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
     info = {"format": "moe_dist-consolidated", "format_version": 1, "step": ckpt.step,
@@ -304,16 +321,19 @@ def verify_output(ckpt: Checkpoint, out: Path, fmt: str, dtype: torch.dtype, bud
     else:
         from safetensors import safe_open
 
+        from .export_hf import hf_tensor_name
+
+        rename = hf_tensor_name if fmt == "hf" else (lambda name: name)
         handles = {}
         for path in safetensors_files(out):
             with safe_open(str(path), "pt") as f:
                 handles.update({k: path for k in f.keys()})
-        if set(handles) != {s.name for s in ckpt.layout.stored}:
+        if set(handles) != {rename(s.name) for s in ckpt.layout.stored}:
             raise ConsolidateError(f"verify: {out} holds other tensors than the checkpoint's model")
 
         def get(name: str) -> torch.Tensor:
-            with safe_open(str(handles[name]), "pt") as f:
-                return f.get_tensor(name)
+            with safe_open(str(handles[rename(name)]), "pt") as f:
+                return f.get_tensor(rename(name))
     for s, t in ckpt.iter_tensors(ckpt.layout.stored, budget, progress):
         if not _same_bits(get(s.name), t.to(dtype)):
             raise ConsolidateError(f"verify: {s.name} in {out} differs from {s.source} in {ckpt.folder}")
@@ -336,7 +356,7 @@ class Result:
 
 
 def default_output(folder: Path, step: int, fmt: str) -> Path:
-    return folder.parent / (f"consolidated_step_{step}" + (".pt" if fmt == "pt" else ""))
+    return folder.parent / (f"consolidated_step_{step}" + {"pt": ".pt", "safetensors": "", "hf": "_hf"}[fmt])
 
 
 def _check_output(out: Path, folder: Path, fmt: str, force: bool) -> None:
@@ -352,23 +372,37 @@ def _check_output(out: Path, folder: Path, fmt: str, force: bool) -> None:
     if fmt == "safetensors" and not (out.is_dir() and ((out / MOE_CONFIG).is_file() or not any(out.iterdir()))):
         raise ConsolidateError(f"output {out} exists and is not an earlier safetensors export (no {MOE_CONFIG}); "
                                "--force only replaces those, remove it yourself")
+    if fmt == "hf" and not (out.is_dir() and (is_hf_export(out) or not any(out.iterdir()))):
+        raise ConsolidateError(f"output {out} exists and is not an earlier --format hf export (no config.json from "
+                               "moe-consolidate); --force only replaces those, remove it yourself")
+
+
+def is_hf_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``--format hf`` export written by moe-consolidate."""
+    from .export_hf import HF_MARKER
+
+    try:
+        return HF_MARKER in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, dtype: str = "fp32",
                 fmt: str = "pt", max_shard_size: Optional[str | int] = None, verify: bool = False,
                 verify_manifest: bool = True, force: bool = False, read_budget: str | int = DEFAULT_READ_BUDGET,
-                progress: Optional[Callable[[str, int], Advance]] = None) -> Result:
-    """Write the model of a DCP checkpoint as a ``.pt`` or a safetensors export (see module doc).
+                progress: Optional[Callable[[str, int], Advance]] = None, tokenizer: Optional[str] = None) -> Result:
+    """Write the model of a DCP checkpoint as a ``.pt``, a safetensors or an hf export (see module doc).
+    ``tokenizer`` ('byte' or a folder) is stored instead of the checkpoint's own.
 
     ``progress(description, total_bytes)`` may return a per-bytes callback (the CLI's rich bar)."""
     from .planner import parse_bytes
 
     if dtype not in DTYPES:
         raise ConsolidateError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if fmt not in ("pt", "safetensors"):
-        raise ConsolidateError(f"--format {fmt}: expected 'pt' or 'safetensors'")
-    if max_shard_size is not None and fmt != "safetensors":
-        raise ConsolidateError("--max-shard-size only applies to --format safetensors (a .pt is one file)")
+    if fmt not in ("pt", "safetensors", "hf"):
+        raise ConsolidateError(f"--format {fmt}: expected 'pt', 'safetensors' or 'hf'")
+    if max_shard_size is not None and fmt == "pt":
+        raise ConsolidateError("--max-shard-size only applies to --format safetensors or hf (a .pt is one file)")
     try:
         budget = read_budget if isinstance(read_budget, int) else parse_bytes(read_budget)
         max_shard = parse_bytes(str(max_shard_size or DEFAULT_MAX_SHARD))
@@ -383,6 +417,12 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     out_path = Path(out) if out is not None else default_output(folder, step, fmt)
     _check_output(out_path, folder, fmt, force)
     ckpt = Checkpoint(folder, verify=verify_manifest)
+    if tokenizer is not None:
+        ckpt.state["tokenizer"] = _tokenizer_spec(tokenizer, ckpt.config.model.vocab_size)
+    if fmt == "hf":
+        from .export_hf import check_exportable
+
+        check_exportable(ckpt.config.model)  # before anything is written
 
     t0 = time.perf_counter()
     total_read = sum(s.numel * ckpt.stored_dtype(s).itemsize for s in ckpt.layout.stored)
@@ -397,7 +437,12 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
             written = _write_pt(ckpt, tmp, torch_dtype, budget, bar)
             os.replace(tmp, out_path)
         else:
-            written = _write_safetensors(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
+            if fmt == "hf":
+                from .export_hf import write_hf
+
+                written = write_hf(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
+            else:
+                written = _write_safetensors(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
             if out_path.exists():
                 shutil.rmtree(out_path)
             os.replace(tmp_dir, out_path)
@@ -411,23 +456,41 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     return res
 
 
+def _tokenizer_spec(tokenizer: str, model_vocab: int) -> dict[str, Any]:
+    from .data.errors import DataError
+    from .data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except DataError as e:
+        raise ConsolidateError(f"--tokenizer: {e}") from None
+    if tok.vocab_size > model_vocab:
+        raise ConsolidateError(f"--tokenizer {tokenizer}: {tok.vocab_size} ids, the model only has {model_vocab}; "
+                               "pass the tokenizer it was trained with")
+    return tok.to_spec()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-consolidate",
-        description="Turn a moe_dist DCP checkpoint into one .pt file or a safetensors export, offline on CPU "
+        description="Turn a moe_dist DCP checkpoint into one .pt file, a safetensors export or a Hugging Face "
+                    "(transformers MixtralForCausalLM) folder, offline on CPU "
                     "(no process group, no DeepSpeed), reading only the model weights with bounded memory.",
         epilog="Exit codes: 0 done, 1 --verify found a difference, 2 a user error.")
     p.add_argument("checkpoint", help="checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its newest)")
-    p.add_argument("-o", "--out", help="output .pt file, or folder for safetensors "
-                   "(default: CHECKPOINT/../consolidated_step_<N>.pt, or .../consolidated_step_<N>/)")
+    p.add_argument("-o", "--out", help="output .pt file, or folder for safetensors / hf (default: "
+                   "CHECKPOINT/../consolidated_step_<N>.pt, .../consolidated_step_<N>/ or .../consolidated_step_<N>_hf/)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default fp32)")
-    p.add_argument("--format", choices=["pt", "safetensors"], default="pt", dest="fmt", help="output format")
-    p.add_argument("--max-shard-size", help=f"safetensors shard size, e.g. 500MB (default {DEFAULT_MAX_SHARD})")
+    p.add_argument("--format", choices=["pt", "safetensors", "hf"], default="pt", dest="fmt",
+                   help="output format; hf: a folder transformers.AutoModelForCausalLM loads (Mixtral)")
+    p.add_argument("--max-shard-size", help=f"safetensors / hf shard size, e.g. 500MB (default {DEFAULT_MAX_SHARD})")
     p.add_argument("--read-budget", default="32MB",
                    help="bytes per DCP read; peak memory is about this or the largest tensor (default 32MB)")
     p.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
     p.add_argument("--no-verify-manifest", action="store_true", help="skip the checkpoint's size/SHA-256 check")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder to store in the output "
+                   "instead of the checkpoint's own (e.g. an old checkpoint whose tokenizer folder is gone)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -454,7 +517,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with bar:
             res = consolidate(a.checkpoint, a.out, dtype=a.dtype, fmt=a.fmt, max_shard_size=a.max_shard_size,
                               verify=a.verify, verify_manifest=not a.no_verify_manifest, force=a.force,
-                              read_budget=a.read_budget, progress=progress)
+                              read_budget=a.read_budget, progress=progress, tokenizer=a.tokenizer)
     except (ConsolidateError, CheckpointError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         return 1 if str(e).startswith("verify:") else 2

@@ -40,7 +40,7 @@ from .checkpoint import layout
 from .checkpoint.errors import CheckpointError
 from .config import RunConfig
 from .checkpoint.reader import MODEL_PREFIX, Checkpoint, run_config
-from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
+from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
 
 
 @dataclass
@@ -80,6 +80,9 @@ def _safetensors_info(path: Path) -> CheckpointInfo:
     folder = path.parent if path.is_file() else path
     files = [path] if path.suffix == ".safetensors" else safetensors_files(folder, path if path.is_file() else None)
     cfg_path = folder / MOE_CONFIG
+    if not cfg_path.exists() and is_hf_export(folder):
+        raise CheckpointError(f"{folder}: a --format hf export (Mixtral names, no {MOE_CONFIG}); load it with "
+                              "transformers.AutoModelForCausalLM.from_pretrained, or use the .pt / safetensors export")
     try:
         info = json.loads(cfg_path.read_text())
         config = info["config"]
@@ -239,6 +242,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder, instead of the tokenizer "
+                   "stored with the checkpoint")
     return p
 
 
@@ -256,12 +261,18 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         info = checkpoint_info(a.checkpoint)
         model, cfg = _build(info, a.device)
         strict_device_from_env()  # tests: generation names every device (see moe_dist.debug)
-        tok = tokenizer_from_spec(info.tokenizer) if info.tokenizer.get("type") else load_tokenizer(cfg.data.tokenizer)
+        if a.tokenizer:
+            tok = load_tokenizer(a.tokenizer)
+        elif info.tokenizer.get("type"):
+            tok = tokenizer_from_spec(info.tokenizer)
+        else:  # written before checkpoints recorded their tokenizer
+            tok = load_tokenizer(cfg.data.tokenizer)
     except (CheckpointError, DataError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     if tok.vocab_size > cfg.model.vocab_size:
-        err.print(f"[red]error:[/] tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")
+        err.print(f"[red]error:[/] tokenizer {escape(repr(tok))} has {tok.vocab_size} ids, the model only "
+                  f"{cfg.model.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
         return 2
     prompt = tok.encode(a.prompt) or [tok.eos_id]
     gen = torch.Generator(device="cpu").manual_seed(a.seed)  # sampling draws on the host

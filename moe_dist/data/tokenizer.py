@@ -2,13 +2,18 @@
 
 Both expose ``vocab_size``, ``eos_id``, ``encode``, ``encode_batch``, ``decode`` and ``to_spec()``;
 ``to_spec()`` is JSON-able and ``tokenizer_from_spec`` rebuilds the tokenizer, so a checkpoint can
-record which tokenizer its model was trained with. Nothing here downloads.
+record which tokenizer its model was trained with. The spec is self-contained: a Hugging Face
+tokenizer's spec carries its files (``save_pretrained`` output) under ``"files"``, so checkpoints
+and exports work after the original folder is gone. Nothing here downloads.
 """
 
 from __future__ import annotations
 
+import base64
 import os
-from typing import Any, Union
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from .errors import DataError
 
@@ -41,6 +46,7 @@ class HFTokenizer:
     """A Hugging Face tokenizer read from a local directory (``local_files_only``: never downloads)."""
 
     def __init__(self, path: str) -> None:
+        self._files_dir: Optional[tempfile.TemporaryDirectory] = None  # keeps embedded files while in use
         given, path = path, os.path.abspath(os.path.expanduser(path))
         if not os.path.isdir(path):
             raise DataError(f"tokenizer {given}: no such directory (hub names are not downloaded); pass 'byte' or a "
@@ -74,11 +80,44 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.eos_id])
 
+    def files(self) -> dict[str, Any]:
+        """The tokenizer's ``save_pretrained`` files, JSON-able (see :func:`write_tokenizer_files`)."""
+        with tempfile.TemporaryDirectory(prefix="moe_dist_tokenizer_") as d:
+            self._tok.save_pretrained(d)
+            return read_tokenizer_files(Path(d))
+
     def to_spec(self) -> dict[str, Any]:
-        return {"type": "hf", "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        """``path`` says where it was loaded from; ``files`` make the spec work without that folder."""
+        return {"type": "hf", "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "files": self.files()}
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def read_tokenizer_files(folder: Path) -> dict[str, Any]:
+    """Every file of ``folder`` (not recursive): ``{name: text}``, or ``{name: {"base64": ...}}`` for a
+    file that is not UTF-8 (a SentencePiece model)."""
+    files: dict[str, Any] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            data = p.read_bytes()
+            try:
+                files[p.name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                files[p.name] = {"base64": base64.b64encode(data).decode("ascii")}
+    return files
+
+
+def write_tokenizer_files(files: dict[str, Any], folder: Path) -> list[str]:
+    """Write what :func:`read_tokenizer_files` read into ``folder``; returns the names written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(f"tokenizer spec: file name {name!r} is not a plain file name; the spec is corrupt")
+        data = base64.b64decode(content["base64"]) if isinstance(content, dict) else str(content).encode("utf-8")
+        (folder / name).write_bytes(data)
+    return sorted(files)
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
@@ -92,18 +131,57 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer a checkpoint recorded with ``to_spec()``; checks vocab size and EOS still match."""
+    """Rebuild the tokenizer a checkpoint recorded with ``to_spec()``: from its embedded ``files`` when it
+    has them, else from ``path`` (checkpoints written before files were embedded). Checks vocab size
+    and EOS still match."""
     kind = spec.get("type")
     if kind == "byte":
         tok: Tokenizer = ByteTokenizer()
+    elif kind == "hf" and spec.get("files"):
+        tok = _from_files(spec)
     elif kind == "hf":
         if not spec.get("path"):
-            raise DataError(f"tokenizer spec {spec!r}: type 'hf' needs a 'path'")
+            raise DataError(f"tokenizer spec {_short(spec)}: type 'hf' needs 'files' or a 'path'")
+        if not os.path.isdir(spec["path"]):
+            raise DataError(f"tokenizer {spec['path']}: no such directory, and this checkpoint was written before "
+                            "tokenizers were stored in it; pass the tokenizer folder (moe-generate --tokenizer DIR)")
         tok = HFTokenizer(spec["path"])
     else:
-        raise DataError(f"tokenizer spec {spec!r}: unknown type {kind!r}; expected 'byte' or 'hf'")
+        raise DataError(f"tokenizer spec {_short(spec)}: unknown type {kind!r}; expected 'byte' or 'hf'")
     for key in ("vocab_size", "eos_id"):
         if key in spec and spec[key] != getattr(tok, key):
             raise DataError(f"tokenizer {tok!r}: {key} is {getattr(tok, key)} but the checkpoint recorded "
                             f"{spec[key]}; the tokenizer files changed since the checkpoint was written")
     return tok
+
+
+def _short(spec: dict[str, Any]) -> str:
+    return repr({k: v for k, v in spec.items() if k != "files"})
+
+
+def _from_files(spec: dict[str, Any]) -> HFTokenizer:
+    """An HFTokenizer from the files embedded in ``spec``, written to a private temporary folder that
+    lives as long as the tokenizer."""
+    tmp = tempfile.TemporaryDirectory(prefix="moe_dist_tokenizer_")
+    try:
+        write_tokenizer_files(spec["files"], Path(tmp.name))
+        tok = HFTokenizer(tmp.name)
+    except DataError as e:
+        tmp.cleanup()
+        raise DataError(f"the tokenizer embedded in the checkpoint (trained from {spec.get('path')}) does not load: "
+                        f"{e}; pass another one with --tokenizer") from None
+    tok._files_dir = tmp
+    tok.path = spec.get("path") or tok.path
+    return tok
+
+
+def hf_tokenizer_files(spec: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The Hugging Face tokenizer files of a spec: the embedded ones, else those of its ``path`` when that
+    folder still loads, else None (a byte spec, or an old checkpoint whose tokenizer folder is gone)."""
+    if spec.get("type") != "hf":
+        return None
+    if spec.get("files"):
+        return spec["files"]
+    if spec.get("path") and os.path.isdir(spec["path"]):
+        return HFTokenizer(spec["path"]).files()
+    return None
