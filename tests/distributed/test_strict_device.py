@@ -68,8 +68,9 @@ def test_consolidate_and_generate_name_every_device(tmp_path):
         assert res.returncode == 0, res.stderr
         assert "identical" in res.stderr
     st = tmp_path / "st"
-    res = _tool("moe_dist.consolidate", str(ckpt), "-o", str(st), "--format", "safetensors", "-q")
-    assert res.returncode == 0, res.stderr
+    for fmt, folder in (("safetensors", st), ("hf", tmp_path / "hf")):
+        res = _tool("moe_dist.consolidate", str(ckpt), "-o", str(folder), "--format", fmt, "-q")
+        assert res.returncode == 0, res.stderr
     for source in (tmp_path / "model-fp32.pt", tmp_path / "model-bf16.pt", st, ckpt):
         res = _tool("moe_dist.inference", str(source), "--prompt", "def ", "--max-new-tokens", "8",
                     "--temperature", "0")
