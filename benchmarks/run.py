@@ -8,6 +8,7 @@ Sections (one module each; ``--only`` takes these names):
   reshard      a world-2 checkpoint loaded on 1, 2 and 3 ranks                       (bench_reshard)
   consolidate  moe-consolidate vs dcp_to_torch_save: time and peak RSS               (bench_consolidate)
   train        training tokens/s at ZeRO-1/2/3 x EP 1/2 on 2 ranks                   (bench_train)
+  data         token store: preparation tokens/s (1 vs 2 procs), start-up + RSS vs corpus size (bench_data)
 
 Writes ``results.md`` (a dated header describing the machine, then every section's tables),
 ``results.json`` (the raw measurements) and the PNG plots into ``--out`` (default
@@ -38,6 +39,7 @@ SECTIONS = {
     "reshard": "bench_reshard",
     "consolidate": "bench_consolidate",
     "train": "bench_train",
+    "data": "bench_data",
 }
 
 
