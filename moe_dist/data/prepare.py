@@ -200,12 +200,18 @@ def tokenize_into(writer: TokenWriter, cfg: DataConfig, sources: dict[str, Any],
     from .corpus import open_file_dataset, open_hub_dataset, stdlib_documents
 
     if sources["kind"] == "files":
-        for f in cfg.data_files:
+        from datasets import concatenate_datasets
+
+        parts = []
+        for f in cfg.data_files:  # one text column per file, then one map over all of them (num_proc spans files)
             ds, field = open_file_dataset(str(f), cfg.text_field, cache_dir=str(work / "hf"))
-            where = f"data file {f}"
-            n_proc = _auto_num_proc(cfg.num_proc, os.path.getsize(f))
-            if _map_into(writer, ds, field, tokenizer_spec, n_proc, where, work) == 0:
-                raise DataError(f"{where}: no text in column {field!r}; give a file with non-empty text")
+            parts.append(ds.select_columns([field]).rename_column(field, "text") if field != "text"
+                         else ds.select_columns(["text"]))
+        ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        where = f"data file {cfg.data_files[0]}" if len(parts) == 1 else f"data files {', '.join(cfg.data_files)}"
+        n_proc = _auto_num_proc(cfg.num_proc, sum(os.path.getsize(f) for f in cfg.data_files))
+        if _map_into(writer, ds, "text", tokenizer_spec, n_proc, where, work) == 0:
+            raise DataError(f"{where}: no text in column {cfg.text_field!r}; give files with non-empty text")
     elif sources["kind"] == "dataset":
         ds = open_hub_dataset(cfg.dataset, cfg.dataset_split, streaming=True)
         where = f"dataset {cfg.dataset!r}"
