@@ -41,6 +41,30 @@ class DataBundle:
         return data_fingerprint(self.store.sha256, self.train_blocks.width, len(self.train_blocks),
                                 self.val_blocks.rows)
 
+    def fingerprint_like(self, saved: Optional[dict]) -> dict:
+        """The fingerprint to compare with a checkpoint's ``saved`` one: the legacy kind for a checkpoint
+        written before token stores (no ``store_sha256``), else :attr:`fingerprint`."""
+        if saved and "store_sha256" not in saved:
+            return legacy_fingerprint(self.train_blocks, self.val_blocks)
+        return self.fingerprint
+
+
+LEGACY_SAMPLES = 2048  # blocks per split hashed by the fingerprint of checkpoints written before token stores
+
+
+def legacy_fingerprint(train_blocks: "BlockSet | torch.Tensor", val_blocks: "BlockSet | torch.Tensor") -> dict:
+    """The fingerprint checkpoints recorded before token stores: block counts, block length and a
+    SHA-256 over up to 2048 evenly spaced blocks of each split. Computed from the store's blocks, it
+    equals the old one for the same data, so those checkpoints still resume."""
+    digest = hashlib.sha256()
+    for blocks in (train_blocks, val_blocks):
+        n, width = blocks.shape[0], blocks.shape[1]
+        idx = torch.linspace(0, n - 1, min(n, LEGACY_SAMPLES), device="cpu").round().long()
+        digest.update(f"{n}x{width}|".encode())
+        digest.update(blocks[idx].to(torch.int64).contiguous().numpy().tobytes())
+    return {"train_blocks": int(train_blocks.shape[0]), "val_blocks": int(val_blocks.shape[0]),
+            "block_tokens": int(train_blocks.shape[1]), "sha256": digest.hexdigest()}
+
 
 def data_fingerprint(store_sha256: str, block_tokens: int, train_blocks: int, val_rows: torch.Tensor) -> dict:
     """Block counts, block length, the store's SHA-256 (of every token, computed when it was written)

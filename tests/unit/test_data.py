@@ -337,6 +337,21 @@ def test_fingerprint_changes_with_any_token_of_the_store(tmp_path):
         {k: fp2[k] for k in ("train_blocks", "val_blocks", "block_tokens")}
 
 
+def test_checkpoints_from_before_token_stores_still_match(tmp_path, monkeypatch):
+    """Their fingerprint sampled blocks of the in-memory split; the store's blocks give the same one."""
+    from moe_dist.data import loader
+
+    monkeypatch.setattr(loader, "LEGACY_SAMPLES", 64)  # fewer samples than blocks: the sampled branch
+    cfg = DataConfig(max_corpus_bytes=60_000, store_dir=str(tmp_path))
+    blocks = pack_blocks(token_stream(load_documents(cfg), ByteTokenizer()), 31)
+    train, val = split_train_val(blocks, cfg.val_fraction, 5)
+    old = loader.legacy_fingerprint(train, val)
+    assert len(train) > 64 and set(old) == {"train_blocks", "val_blocks", "block_tokens", "sha256"}
+    data = build_data(cfg, 31, 5)
+    assert data.fingerprint_like(old) == old and data.fingerprint_like(data.fingerprint) == data.fingerprint
+    assert build_data(cfg, 31, 6).fingerprint_like(old) != old  # another split
+
+
 def test_other_data_is_refused_with_what_differs():
     from moe_dist.data.loader import check_same_data
 
