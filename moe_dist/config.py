@@ -148,7 +148,8 @@ class DataConfig:
     """Where text comes from and how it is tokenized."""
 
     data_files: list = _f([], "Local .txt/.json/.jsonl/.parquet files; empty = the built-in offline corpus.")
-    dataset: Optional[str] = _f(None, "A Hugging Face hub dataset name (needs a network) instead of data_files.")
+    dataset: Optional[str] = _f(None, "A Hugging Face hub dataset name (needs a network) or a local dataset folder, "
+                                      "streamed into the token store, instead of data_files.")
     dataset_split: str = _f("train", "Split of the hub dataset to read.")
     text_field: str = _f("text", "Column holding the text in JSON/parquet/hub data.")
     tokenizer: str = _f("byte", "'byte' (no download) or a local Hugging Face tokenizer directory.")

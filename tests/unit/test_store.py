@@ -125,6 +125,16 @@ def test_reading_blocks_keeps_rss_flat(tmp_path):
     assert total == int(chunk.reshape(-1, 1024)[:, 0].sum()) * 8
 
 
+def test_prepare_help_names_every_data_field():
+    from moe_dist.data.prepare import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for flag, key in [("--data-files", "data.data_files"), ("--dataset", "data.dataset"), ("--tokenizer", "data.tokenizer"),
+                      ("--store-dir", "data.store_dir"), ("--num-proc", "data.num_proc")]:
+        assert flag in text and f"[{key}]" in text
+    assert "moe-train --data-store" in text
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _small_store(tmp_path: Path) -> tuple[DataConfig, TokenStore]:
     cfg = DataConfig(max_corpus_bytes=100_000, store_dir=str(tmp_path / "stores"))
