@@ -19,6 +19,7 @@ run's inputs, preparing it first if no process has yet.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import fcntl
@@ -173,18 +174,32 @@ def _stream_job(args: tuple[list[str], str, str]) -> tuple[np.ndarray, int]:
 
 
 def _stream_into(writer: TokenWriter, ds: Any, field: str, tokenizer_spec: str, num_proc: int, where: str) -> int:
-    """Tokenize a streamed dataset batch by batch (a pool of ``num_proc`` processes, order kept)."""
-    jobs = ((texts, tokenizer_spec, writer.dtype.name) for texts in _stream_batches(ds, field, where))
+    """Tokenize a streamed dataset batch by batch (a pool of ``num_proc`` processes, order kept).
+
+    At most ``2 * num_proc`` batches are in flight: ``Pool.imap`` would read the whole stream ahead
+    into its task queue, i.e. hold the dataset in memory after all."""
     docs = 0
-    pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None
+    jobs = ((texts, tokenizer_spec, writer.dtype.name) for texts in _stream_batches(ds, field, where))
+    if num_proc <= 1:
+        for ids, count in map(_stream_job, jobs):
+            writer.write(ids, count)
+            docs += count
+        return docs
+    pool = multiprocessing.get_context("fork").Pool(num_proc)
     try:
-        results = pool.imap(_stream_job, jobs, chunksize=1) if pool else map(_stream_job, jobs)
-        for ids, count in results:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_stream_job, (job,)))
+            if len(pending) >= 2 * num_proc:
+                ids, count = pending.popleft().get()
+                writer.write(ids, count)
+                docs += count
+        while pending:
+            ids, count = pending.popleft().get()
             writer.write(ids, count)
             docs += count
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
     return docs
 
 
@@ -332,7 +347,9 @@ def ensure_store(cfg: DataConfig, tok: Optional[Tokenizer] = None) -> TokenStore
 def _prepare(cfg: DataConfig, sources: dict[str, Any], tok: Tokenizer, tok_id: dict[str, Any], root: Path,
              name: str) -> TokenStore:
     """Write the store into a temporary folder and rename it into place (the caller holds the lock)."""
-    for stale in root.glob(f".{name}.tmp-*"):  # a killed preparation's leftovers: we hold the lock now
+    # A killed preparation's leftovers on this machine: we hold the lock, so no process here writes them.
+    # (Other hosts' folders are theirs: on a shared store_dir each machine prepares under its own lock.)
+    for stale in root.glob(f".{name}.tmp-{socket.gethostname()}-*"):
         get_logger().warning(f"token store {root / name}: removing {stale}, left by a preparation that was killed")
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -352,7 +369,14 @@ def _prepare(cfg: DataConfig, sources: dict[str, Any], tok: Tokenizer, tok_id: d
                        "prepared": {"seconds": round(seconds, 3), "host": socket.gethostname(),
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
         _fsync_dir(tmp)
-        os.rename(tmp, root / name)
+        try:
+            os.rename(tmp, root / name)
+        except OSError as e:  # another machine sharing store_dir published it first: same inputs, use theirs
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (root / name / HEADER).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            get_logger().info(f"token store {root / name}: another machine published it first; using that one")
+            return TokenStore.open(root / name)
         _fsync_dir(root)
     except BaseException:
         writer.abort()

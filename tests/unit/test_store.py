@@ -91,11 +91,15 @@ def test_bpe_store_same_tokens_with_1_and_2_processes(tmp_path, bpe):
     assert one.header["tokenizer"]["type"] == "hf" and one.header["vocab_size"] == 512
 
 
-def test_local_dataset_folder_streams_into_the_store(tmp_path, bpe):
+def test_local_dataset_folder_streams_into_the_store(tmp_path, bpe, monkeypatch):
     """The hub path (load_dataset(name, streaming=True)) on a local dataset folder, with a 2-process pool."""
+    from moe_dist.data import prepare
+
+    monkeypatch.setattr(prepare, "_STREAM_BATCH", 100)  # 15 batches: more than the 4 kept in flight
     folder = tmp_path / "ds"
     folder.mkdir()
-    _jsonl(folder / "part-0.jsonl", _docs(1500))  # more than one streamed batch of 1024
+    _jsonl(folder / "part-0.jsonl", _docs(900))
+    _jsonl(folder / "part-1.jsonl", _docs(600, 900))
     cfg = DataConfig(dataset=str(folder), tokenizer=str(bpe), num_proc=2, store_dir=str(tmp_path / "s"))
     store = ensure_store(cfg)
     assert store.header["sources"]["kind"] == "dataset"
