@@ -21,6 +21,6 @@ from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_fro
 
 __all__ = [
     "DataError", "DataBundle", "build_data", "iter_val_batches", "pack_blocks", "pack_documents",
-    "split_indices", "split_train_val", "token_stream", "GlobalCursorSampler", "BlockSet", "TokenStore", "ByteTokenizer", "HFTokenizer",
-    "load_tokenizer", "tokenizer_from_spec",
+    "split_indices", "split_train_val", "token_stream", "GlobalCursorSampler", "BlockSet", "TokenStore",
+    "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_from_spec",
 ]

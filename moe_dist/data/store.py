@@ -140,8 +140,9 @@ class TokenStore:
             raise DataError(f"token store {hdr_path}: unreadable ({e.__class__.__name__}: {e}); delete the folder "
                             f"{path} and prepare it again") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DataError(f"token store {hdr_path}: field 'format' is {header.get('format') if isinstance(header, dict) else header!r}, "
-                            f"expected {FORMAT!r}; pass a folder written by moe-prepare-data")
+            found = header.get("format") if isinstance(header, dict) else header
+            raise DataError(f"token store {hdr_path}: field 'format' is {found!r}, expected {FORMAT!r}; pass a folder "
+                            "written by moe-prepare-data")
         if header.get("version") != VERSION:
             raise DataError(f"token store {hdr_path}: field 'version' is {header.get('version')!r}, this moe_dist "
                             f"reads version {VERSION}; prepare the store again with this version")

@@ -7,6 +7,9 @@ checks the message of a changed architecture (d_ff and vocab_size together); her
 one at a time, with the exit code and the untouched folder too. A good world-1 run
 (checkpoint_step_2) is made once; every resume case works on a copy of it.
 
+Token stores: a truncated or corrupted token file (found by its inputs or named with --data-store), a
+store of another tokenizer, and a store folder that cannot be written are refused the same way.
+
 Tests run as root, so ``chmod`` cannot make a folder read-only: the read-only cases use a
 ``ro`` tmpfs mount and an ``--output-dir`` below (or equal to) a regular file. The full-disk case
 mounts a tmpfs sized for one checkpoint and a half (skipped where mounting is impossible); the
@@ -182,7 +185,8 @@ def test_damaged_token_store(tmp_path, damage, expect):
     before = snapshot(store)
     for how in (["--store-dir", str(tmp_path / "stores")], ["--data-store", str(store)]):  # found, or named
         line = refused(tmp_path / "out", *how)
-        assert line.startswith(f"error: token store {store / 'tokens.bin'}: ") and f"{store} and prepare it again" in line
+        assert line.startswith(f"error: token store {store / 'tokens.bin'}: "), line
+        assert f"{store} and prepare it again" in line, line
         assert all(part in line for part in expect), line
     assert snapshot(store) == before  # a damaged store is reported, never rewritten in place
 

@@ -87,7 +87,8 @@ def test_bpe_store_same_tokens_with_1_and_2_processes(tmp_path, bpe):
     tok = load_tokenizer(str(bpe))
     ref = token_stream(_docs(600), tok)
     np.testing.assert_array_equal(_store_tokens(one), ref)
-    assert (ref == tok.eos_id).sum() == 600 and ref.size < 0.8 * sum(len(d) for d in _docs(600))  # merges: fewer ids than characters
+    assert (ref == tok.eos_id).sum() == 600
+    assert ref.size < 0.8 * sum(len(d) for d in _docs(600))  # merges: fewer ids than characters
     assert one.header["tokenizer"]["type"] == "hf" and one.header["vocab_size"] == 512
 
 
@@ -133,8 +134,8 @@ def test_prepare_help_names_every_data_field():
     from moe_dist.data.prepare import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    for flag, key in [("--data-files", "data.data_files"), ("--dataset", "data.dataset"), ("--tokenizer", "data.tokenizer"),
-                      ("--store-dir", "data.store_dir"), ("--num-proc", "data.num_proc")]:
+    for flag, key in [("--data-files", "data.data_files"), ("--dataset", "data.dataset"),
+                      ("--tokenizer", "data.tokenizer"), ("--store-dir", "data.store_dir"), ("--num-proc", "data.num_proc")]:
         assert flag in text and f"[{key}]" in text
     assert "moe-train --data-store" in text
 
