@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,16 @@ def make_corpus(path: Path, target_bytes: int) -> Path:
     return path
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + sys) of every child this process has waited for, theirs included."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def prepare(corpus: Path, store_dir: Path, tokenizer: str, num_proc: int) -> dict[str, Any]:
-    """Run moe-prepare-data in a fresh process; its header (with the preparation's seconds) and wall time."""
+    """Run moe-prepare-data in a fresh process; its header (with the preparation's seconds), wall
+    time and CPU time (its pool workers included: they are waited for)."""
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "moe_dist.data.prepare", "--data-files", str(corpus), "--tokenizer",
                         tokenizer, "--store-dir", str(store_dir), "--num-proc", str(num_proc)],
@@ -69,7 +78,8 @@ def prepare(corpus: Path, store_dir: Path, tokenizer: str, num_proc: int) -> dic
         raise RuntimeError(f"moe-prepare-data failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     header = json.loads((Path(out["store"]) / "store.json").read_text())
-    return {"store": out["store"], "tokens": header["tokens"], "seconds": header["prepared"]["seconds"], "wall": wall}
+    return {"store": out["store"], "tokens": header["tokens"], "seconds": header["prepared"]["seconds"], "wall": wall,
+            "cpu_s": _children_cpu() - cpu0}
 
 
 def tokenizer_alone(corpus: Path, tokenizer: str) -> dict[str, float]:
@@ -79,11 +89,12 @@ def tokenizer_alone(corpus: Path, tokenizer: str) -> dict[str, float]:
             "tok = load_tokenizer(sys.argv[2])\n"
             "t = time.perf_counter(); n = sum(len(x) for x in tok.encode_batch(docs)); s = time.perf_counter() - t\n"
             "print(json.dumps({'tokens': n + len(docs), 'seconds': s}))")
+    cpu0 = _children_cpu()
     p = subprocess.run([sys.executable, "-c", code, str(corpus), tokenizer], capture_output=True, text=True,
                        cwd=str(REPO_ROOT), env=_env(), timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "cpu_s": _children_cpu() - cpu0}
 
 
 def two_workers(mode: str, corpus: Path, store_dir: Path) -> list[dict[str, Any]]:
@@ -126,24 +137,32 @@ def run(ctx: Context) -> Section:
     bpe = str(make_bpe_tokenizer(work / "bpe"))
     prep_corpus = make_corpus(work / "prep.jsonl", 20_000_000)
     reps = 2 if ctx.quick else 3
-    prep: dict[str, list[float]] = {"tokenizer alone (1 process)": [], "num_proc=1": [], "num_proc=2": []}
+    names = {"alone": "tokenizer alone (1 process)", 1: "num_proc=1", 2: "num_proc=2"}
+    prep: dict[str, list[float]] = {n: [] for n in names.values()}
+    cpu: dict[str, list[float]] = {n: [] for n in names.values()}
+    load_before = os.getloadavg()
     for r in range(reps):
         order = ["alone", 1, 2]
         for what in order[r % 3:] + order[:r % 3]:
             if what == "alone":
                 res = tokenizer_alone(prep_corpus, bpe)
-                prep["tokenizer alone (1 process)"].append(res["tokens"] / res["seconds"])
             else:
                 res = prepare(prep_corpus, work / f"prep-stores-{what}-{r}", bpe, int(what))
-                prep[f"num_proc={what}"].append(res["tokens"] / res["seconds"])
+                shutil.rmtree(work / f"prep-stores-{what}-{r}", ignore_errors=True)
+            prep[names[what]].append(res["tokens"] / res["seconds"])
+            cpu[names[what]].append(res["tokens"] / res["cpu_s"])
             print(f"  prep {what} rep {r}: {res}", flush=True)
     base = median(prep["num_proc=1"])
-    sec.table(["contender", "tokens/s (median)", "range", "vs num_proc=1"],
-              [[k, fmt(median(v)), spread(v), ratio(median(v), base)] for k, v in prep.items()],
+    sec.table(["contender", "tokens/s (median)", "range", "vs num_proc=1", "tokens per CPU-second (median)"],
+              [[k, fmt(median(v)), spread(v), ratio(median(v), base), fmt(median(cpu[k]))] for k, v in prep.items()],
               caption=f"BPE (512 ids) preparation of a {prep_corpus.stat().st_size / 1e6:.0f} MB JSONL of the built-in "
-                      f"corpus, {reps} interleaved repetitions; load average at start "
-                      f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+                      f"corpus, {reps} interleaved repetitions; tokens/s = tokens / the preparation's own seconds "
+                      "(its header; the tokenizer alone: encode_batch only); CPU seconds of the whole process "
+                      "and its workers. Load average (1/5/15 min) "
+                      f"{' / '.join(f'{x:.1f}' for x in load_before)} before, "
+                      f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} after, on {os.cpu_count()} cores")
     sec.data["prepare_tokens_per_s"] = prep
+    sec.data["prepare_tokens_per_cpu_s"] = cpu
 
     # ---------------------------------------------------------------- start-up and RSS vs corpus size
     sizes = [10_000_000, 100_000_000] if ctx.quick else [10_000_000, 100_000_000, 500_000_000]
