@@ -119,12 +119,16 @@ def train_on_store(ctx: Context, corpus: Path, store_dir: Path, name: str) -> li
             "--preset", "tiny", "--data-files", str(corpus), "--store-dir", str(store_dir), "--max-steps", "2",
             "--save-every", "0", "--set", "train.eval_every=0", "--output-dir", str(out)]
     ranks = run_distributed(args, 2, timeout=1800, env={"TORCHDYNAMO_DISABLE": "1", **ENV})
+    # rank 0's own peak (RUSAGE_SELF, in metrics.jsonl): peak_rss's figure also counts the rank's
+    # children, e.g. a compiler when DeepSpeed JIT-rebuilds an op on that rank
+    own = max(json.loads(line)["rss_peak_mb"] for line in (out / "metrics.jsonl").read_text().splitlines() if line)
     rows = []
     for r in ranks:
+        (ctx.out / f"train-{name}-rank{r.rank}.log").write_text(r.output)  # kept: what each rank printed
         probe = json.loads([ln for ln in r.output.splitlines() if ln.startswith('{"returncode"')][-1])
         m = re.search(r"data: .* \((\d+\.\d+)s\)", r.output)
         rows.append({"rank": r.rank, "peak_rss_mb": probe["peak_rss_mb"], "wall_s": probe["seconds"],
-                     "data_s": float(m.group(1)) if m else None})
+                     "data_s": float(m.group(1)) if m else None, "own_peak_rss_mb": own if r.rank == 0 else None})
     return rows
 
 
@@ -185,13 +189,15 @@ def run(ctx: Context) -> Section:
                      " / ".join(fmt(w["peak_rss_mb"]) for w in res["store"]),
                      " / ".join(fmt(t["data_s"]) for t in res["train"][:1]),
                      " / ".join(fmt(t["wall_s"]) for t in res["train"]),
-                     " / ".join(fmt(t["peak_rss_mb"]) for t in res["train"])])
+                     " / ".join(fmt(t["peak_rss_mb"]) for t in res["train"]),
+                     fmt(res["train"][0]["own_peak_rss_mb"])])
         print(f"  {label}: {res}", flush=True)
         os.remove(corpus)  # the big files go as soon as they are measured
         shutil.rmtree(stores, ignore_errors=True)
     sec.table(["corpus", "tokens", "prepare s (2 procs)", "old: s to 1st batch (rank 0 / 1)",
                "old: peak RSS MB", "store: s to 1st batch", "store: peak RSS MB", "train.py: data set-up s (rank 0)",
-               "train.py: wall s, 2 steps", "train.py: peak RSS MB (rank 0 / 1)"], rows,
+               "train.py: wall s, 2 steps", "train.py: peak RSS MB with children (rank 0 / 1)",
+               "train.py: rank 0's own peak RSS MB"], rows,
               caption="per rank, two ranks at once on this machine; old = the in-memory build_data before the store "
                       "(benchmarks.data_worker --mode old), store = build_data on the prepared store; train.py = "
                       "moe_dist/train.py --preset tiny on 2 gloo ranks, 2 steps, on the store")
@@ -200,16 +206,18 @@ def run(ctx: Context) -> Section:
                  "it holds on every rank, 2 ranks at 500M tokens would need more memory than this shared machine has.")
     first, last = results[f"{sizes[0] // 1_000_000}M"], results[f"{sizes[-1] // 1_000_000}M"]
     growth = [b["peak_rss_mb"] - a["peak_rss_mb"] for a, b in zip(first["train"], last["train"])]
+    own = last["train"][0]["own_peak_rss_mb"] - first["train"][0]["own_peak_rss_mb"]
     sec.note(f"train.py peak RSS per rank at {sizes[-1] // 1_000_000}M tokens minus at {sizes[0] // 1_000_000}M: "
-             + " / ".join(f"{g:+.0f} MB" for g in growth) + "; data set-up on rank 0: "
+             + " / ".join(f"{g:+.0f} MB" for g in growth) + f" (rank 0's own: {own:+.0f} MB); data set-up on rank 0: "
              f"{fmt(first['train'][0]['data_s'])} s vs {fmt(last['train'][0]['data_s'])} s")
     sec.data["by_size"] = results
 
     fig, ax = new_figure()
     xs = [results[k]["tokens"] for k in results]
     ax.plot(xs, [max(w["peak_rss_mb"] for w in r["store"]) for r in results.values()], "o-", label="store (data only)")
-    ax.plot(xs, [max(t["peak_rss_mb"] for t in r["train"]) for r in results.values()], "s-",
-            label="store (train.py, 2 ranks)")
+    ax.plot(xs, [r["train"][1]["peak_rss_mb"] for r in results.values()], "s-", label="store (train.py, rank 1)")
+    ax.plot(xs, [r["train"][0]["own_peak_rss_mb"] for r in results.values()], "d-",
+            label="store (train.py, rank 0's own)")
     olds = [(r["tokens"], max(w["peak_rss_mb"] for w in r["old"])) for r in results.values() if r["old"]]
     ax.plot([x for x, _ in olds], [y for _, y in olds], "^-", label="old in-memory (data only)")
     ax.set_xscale("log")
