@@ -9,6 +9,7 @@ Sections (one module each; ``--only`` takes these names):
   consolidate  moe-consolidate vs dcp_to_torch_save: time and peak RSS               (bench_consolidate)
   train        training tokens/s at ZeRO-1/2/3 x EP 1/2 on 2 ranks                   (bench_train)
   muon_cpu     one Muon step's Newton-Schulz on the CPU for the 4090 preset's matrices  (bench_muon_cpu)
+  data         token store: preparation tokens/s (1 vs 2 procs), start-up + RSS vs corpus size (bench_data)
 
 Writes ``results.md`` (a dated header describing the machine, then every section's tables),
 ``results.json`` (the raw measurements) and the PNG plots into ``--out`` (default
@@ -40,6 +41,7 @@ SECTIONS = {
     "consolidate": "bench_consolidate",
     "train": "bench_train",
     "muon_cpu": "bench_muon_cpu",
+    "data": "bench_data",
 }
 
 

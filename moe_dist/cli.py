@@ -36,6 +36,8 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data-files": ("data.data_files", {"nargs": "+"}),
     "--dataset": ("data.dataset", {}),
     "--tokenizer": ("data.tokenizer", {}),
+    "--data-store": ("data.store", {}),
+    "--store-dir": ("data.store_dir", {}),
 }
 BOOL_FLAGS: dict[str, str] = {
     "--async-save": "checkpoint.async_save",

@@ -148,15 +148,23 @@ class DataConfig:
     """Where text comes from and how it is tokenized."""
 
     data_files: list = _f([], "Local .txt/.json/.jsonl/.parquet files; empty = the built-in offline corpus.")
-    dataset: Optional[str] = _f(None, "A Hugging Face hub dataset name (needs a network) instead of data_files.")
+    dataset: Optional[str] = _f(None, "A Hugging Face hub dataset name (needs a network) or a local dataset folder, "
+                                      "streamed into the token store, instead of data_files.")
     dataset_split: str = _f("train", "Split of the hub dataset to read.")
     text_field: str = _f("text", "Column holding the text in JSON/parquet/hub data.")
     tokenizer: str = _f("byte", "'byte' (no download) or a local Hugging Face tokenizer directory.")
     val_fraction: float = _f(0.05, "Fraction of packed blocks held out for validation (disjoint from train).")
     max_corpus_bytes: int = _f(4_000_000, "Cap on bytes read from the built-in corpus (keeps the demo fast).")
+    store: Optional[str] = _f(None, "A token store folder written by moe-prepare-data to train on, instead of "
+                                    "data_files / dataset / the built-in corpus.")
+    store_dir: Optional[str] = _f(None, "Where token stores are prepared on first use (one folder per inputs + "
+                                        "tokenizer); default $MOE_DIST_STORE_DIR or ~/.cache/moe_dist/token_stores.")
+    num_proc: int = _f(0, "Processes tokenizing while a store is prepared (0 = one per CPU core, fewer for a "
+                          "small corpus).")
 
     def __post_init__(self) -> None:
         _require(0.0 < self.val_fraction < 1.0, "data", "val_fraction", "between 0 and 1 (exclusive)", self.val_fraction)
+        _require(self.num_proc >= 0, "data", "num_proc", ">= 0", self.num_proc)
         if isinstance(self.data_files, str):
             self.data_files = [p for p in self.data_files.split(",") if p]
 

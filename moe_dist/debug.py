@@ -70,7 +70,7 @@ def dump_probe_logits_from_env(engine: Any, data: Any, rank: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    tokens = data.val_blocks[:1, :-1]
+    tokens = data.val_blocks[:1][:, :-1]
     engine.eval()
     with torch.no_grad():
         logits, _ = engine(tokens.to(engine.device), return_aux_loss=False)

@@ -107,7 +107,8 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     resume_path = preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if resume_path is not None:  # ... and so does other data
-        check_same_data(read_train_state(resume_path).get("data"), data.fingerprint, str(resume_path))
+        saved_data = read_train_state(resume_path).get("data")
+        check_same_data(saved_data, data.fingerprint_like(saved_data), str(resume_path))
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "

@@ -314,7 +314,7 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = read_train_state(path)
-        check_same_data(saved.get("data"), self.trainer.data.fingerprint, str(path))
+        check_same_data(saved.get("data"), self.trainer.data.fingerprint_like(saved.get("data")), str(path))
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
         reader = CheckpointReader(path)

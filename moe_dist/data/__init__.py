@@ -4,7 +4,9 @@
     tokenizer.py  ByteTokenizer, HFTokenizer (local directory only), load_tokenizer, tokenizer_from_spec
     packing.py    token stream with EOS after each document, disjoint blocks of seq_len+1, train/val split
     sampler.py    GlobalCursorSampler: global batches from (seed, epoch, cursor); rank_share splits one batch
-    loader.py     build_data -> DataBundle, iter_val_batches
+    store.py      the token store: flat token file + JSON header; TokenWriter, TokenStore (memory map), BlockSet
+    prepare.py    ensure_store: prepare once per machine (lock, atomic publish), moe-prepare-data
+    loader.py     build_data -> DataBundle (blocks of the store), iter_val_batches
 
 No torch.distributed here: ranks and world sizes are passed in as integers. ``datasets`` and
 ``transformers`` are imported only when a data file, hub dataset or HF tokenizer is used.
@@ -14,10 +16,11 @@ from .errors import DataError
 from .loader import DataBundle, build_data, iter_val_batches
 from .packing import pack_blocks, pack_documents, split_indices, split_train_val, token_stream
 from .sampler import GlobalCursorSampler
+from .store import BlockSet, TokenStore
 from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_spec
 
 __all__ = [
     "DataError", "DataBundle", "build_data", "iter_val_batches", "pack_blocks", "pack_documents",
-    "split_indices", "split_train_val", "token_stream", "GlobalCursorSampler", "ByteTokenizer", "HFTokenizer",
-    "load_tokenizer", "tokenizer_from_spec",
+    "split_indices", "split_train_val", "token_stream", "GlobalCursorSampler", "BlockSet", "TokenStore",
+    "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_from_spec",
 ]

@@ -17,7 +17,7 @@ import contextlib
 import os
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ..config import DataConfig
 from .errors import DataError
@@ -90,6 +90,15 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def _load_file(path: str, text_field: str) -> list[str]:
+    ds, field = open_file_dataset(path, text_field)
+    docs = _texts(ds, field, f"data file {path}", hint="set data.text_field")
+    if not docs:
+        raise DataError(f"data file {path}: no text in column {field!r}; give a file with non-empty text")
+    return docs
+
+
+def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = None) -> tuple[Any, str]:
+    """One local data file as a ``datasets.Dataset`` and the name of its text column (checked present)."""
     ext = Path(path).suffix.lower()
     if ext not in _BUILDERS:
         raise DataError(f"data file {path}: unknown extension {ext or '(none)'!r}; "
@@ -105,22 +114,25 @@ def _load_file(path: str, text_field: str) -> list[str]:
 
     try:
         with _quiet_datasets():
-            ds = load_dataset(builder, data_files=[os.path.abspath(path)], split="train", **kwargs)
+            ds = load_dataset(builder, data_files=[os.path.abspath(path)], split="train", cache_dir=cache_dir,
+                              **kwargs)
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
         cause = e.__cause__ or e.__context__ or e
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else cause.__class__.__name__
         raise DataError(f"data file {path}: cannot read it as {builder} ({msg}); check its format") from None
-    docs = _texts(ds, field, f"data file {path}", hint="set data.text_field")
-    if not docs:
-        raise DataError(f"data file {path}: no text in column {field!r}; give a file with non-empty text")
-    return docs
+    check_text_field(ds.column_names, field, f"data file {path}", hint="set data.text_field")
+    return ds, field
 
 
-def _texts(ds: Any, field: str, where: str, hint: str) -> list[str]:
-    columns = list(ds.column_names)
+def check_text_field(columns: Optional[list], field: str, where: str, hint: str) -> None:
+    columns = list(columns or [])
     if field not in columns:
         raise DataError(f"{where}: has no text field {field!r}; columns found: {', '.join(columns) or '(none)'}; "
                         f"{hint}")
+
+
+def _texts(ds: Any, field: str, where: str, hint: str) -> list[str]:
+    check_text_field(ds.column_names, field, where, hint)
     out: list[str] = []
     for i, value in enumerate(ds[field]):
         if value is None:
@@ -134,16 +146,21 @@ def _texts(ds: Any, field: str, where: str, hint: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- hub
-def _load_hub(name: str, split: str, text_field: str) -> list[str]:
+def open_hub_dataset(name: str, split: str, streaming: bool = False) -> Any:
+    """``load_dataset(name, split=split)``: a hub name or a local folder; ``streaming`` reads it lazily."""
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(name, split=split)
+        return load_dataset(name, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 - network/offline/missing all become one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"dataset {name!r} (split {split!r}): cannot load it ({e.__class__.__name__}: {first}); "
                         "hub datasets need a network or a local copy: pass a local folder of the "
                         "dataset's files as data.dataset, or pass --data-files") from None
+
+
+def _load_hub(name: str, split: str, text_field: str) -> list[str]:
+    ds = open_hub_dataset(name, split)
     docs = _texts(ds, text_field, f"dataset {name!r}", hint="set data.text_field")
     if not docs:
         raise DataError(f"dataset {name!r} (split {split!r}): no text in column {text_field!r}")

@@ -1,8 +1,10 @@
-"""Build the data of a run: documents -> tokens -> disjoint blocks -> train / validation.
+"""Build the data of a run: the token store -> disjoint blocks -> train / validation.
 
-``build_data`` is called identically on every rank and is deterministic, so every rank holds the
-same blocks; ranks then pick their share of each global batch (``sampler.rank_share``) and their
-own slice of the validation set (``iter_val_batches``). Nothing here knows about process groups.
+``build_data`` is called identically on every rank and is deterministic: every rank opens the same
+token store (``prepare.ensure_store``: prepared once per machine on first use) and derives the
+same split. Blocks are read from the store's memory map one batch at a time, so no rank holds the
+corpus; ranks then pick their share of each global batch (``sampler.rank_share``) and their own
+slice of the validation set (``iter_val_batches``). Nothing here knows about process groups.
 """
 
 from __future__ import annotations
@@ -17,46 +19,64 @@ import torch
 
 from ..config import DataConfig
 from ..logging_utils import get_logger, warn_once
-from .corpus import load_documents
 from .errors import DataError
-from .packing import pack_blocks, split_train_val, token_stream
+from .packing import split_indices
+from .prepare import ensure_store
+from .store import BlockSet, TokenStore
 from .tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
 class DataBundle:
-    train_blocks: torch.Tensor  # [N_train, seq_len + 1] long
-    val_blocks: torch.Tensor  # [N_val, seq_len + 1] long, no block shared with train
+    train_blocks: BlockSet  # [N_train, seq_len + 1]: indexing gives int64 CPU tensors
+    val_blocks: BlockSet  # [N_val, seq_len + 1], no block shared with train
     tokenizer: Tokenizer
+    store: TokenStore
     stats: dict = field(default_factory=dict)  # documents, tokens, seconds: for logs, not for resuming
 
     @cached_property
     def fingerprint(self) -> dict:
         """What a checkpoint records of its data, so a resume on other data is refused (see
         :func:`data_fingerprint`)."""
-        return data_fingerprint(self.train_blocks, self.val_blocks)
+        return data_fingerprint(self.store.sha256, self.train_blocks.width, len(self.train_blocks),
+                                self.val_blocks.rows)
+
+    def fingerprint_like(self, saved: Optional[dict]) -> dict:
+        """The fingerprint to compare with a checkpoint's ``saved`` one: the legacy kind for a checkpoint
+        written before token stores (no ``store_sha256``), else :attr:`fingerprint`."""
+        if saved and "store_sha256" not in saved:
+            return legacy_fingerprint(self.train_blocks, self.val_blocks)
+        return self.fingerprint
 
 
-FINGERPRINT_SAMPLES = 2048  # blocks hashed per split: cheap on any corpus, and catches other files
+LEGACY_SAMPLES = 2048  # blocks per split hashed by the fingerprint of checkpoints written before token stores
 
 
-def data_fingerprint(train_blocks: torch.Tensor, val_blocks: torch.Tensor) -> dict:
-    """Block counts, block length and a SHA-256 over up to ``FINGERPRINT_SAMPLES`` evenly spaced
-    blocks of each split (all of them for small data).
+def legacy_fingerprint(train_blocks: "BlockSet | torch.Tensor", val_blocks: "BlockSet | torch.Tensor") -> dict:
+    """The fingerprint checkpoints recorded before token stores: block counts, block length and a
+    SHA-256 over up to 2048 evenly spaced blocks of each split. Computed from the store's blocks, it
+    equals the old one for the same data, so those checkpoints still resume."""
+    digest = hashlib.sha256()
+    for blocks in (train_blocks, val_blocks):
+        n, width = blocks.shape[0], blocks.shape[1]
+        idx = torch.linspace(0, n - 1, min(n, LEGACY_SAMPLES), device="cpu").round().long()
+        digest.update(f"{n}x{width}|".encode())
+        digest.update(blocks[idx].to(torch.int64).contiguous().numpy().tobytes())
+    return {"train_blocks": int(train_blocks.shape[0]), "val_blocks": int(val_blocks.shape[0]),
+            "block_tokens": int(train_blocks.shape[1]), "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(store_sha256: str, block_tokens: int, train_blocks: int, val_rows: torch.Tensor) -> dict:
+    """Block counts, block length, the store's SHA-256 (of every token, computed when it was written)
+    and a SHA-256 over that, the block length and which blocks are validation (the split).
 
     The data cursor in a checkpoint is a position in a seeded permutation of the training blocks;
     it only means "continue where it stopped" over the same blocks. Another corpus, tokenizer,
-    seq_len or val_fraction changes the blocks, and resuming would silently replay or skip data.
-    Hashing a sample instead of every block keeps this O(1) in the corpus size."""
-    digest = hashlib.sha256()
-    for blocks in (train_blocks, val_blocks):
-        n = blocks.size(0)
-        idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), device="cpu").round().long()
-        digest.update(f"{n}x{blocks.size(1) if blocks.dim() == 2 else 0}|".encode())
-        digest.update(blocks[idx].to(torch.int64).contiguous().numpy().tobytes())
-    return {"train_blocks": int(train_blocks.size(0)), "val_blocks": int(val_blocks.size(0)),
-            "block_tokens": int(train_blocks.size(1)) if train_blocks.dim() == 2 else 0,
-            "sha256": digest.hexdigest()}
+    seq_len, val_fraction or seed changes the blocks, and resuming would silently replay or skip data."""
+    digest = hashlib.sha256(f"{store_sha256}|{block_tokens}|{train_blocks}|".encode())
+    digest.update(val_rows.to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
+    return {"train_blocks": int(train_blocks), "val_blocks": int(val_rows.numel()), "block_tokens": int(block_tokens),
+            "store_sha256": store_sha256, "sha256": digest.hexdigest()}
 
 
 def check_same_data(saved: Optional[dict], current: dict, where: str) -> None:
@@ -67,6 +87,9 @@ def check_same_data(saved: Optional[dict], current: dict, where: str) -> None:
         return
     diffs = [f"{k}: saved {saved.get(k)}, now {current[k]}" for k in ("train_blocks", "val_blocks", "block_tokens")
              if saved.get(k) != current[k]]
+    if not diffs and saved.get("store_sha256") != current.get("store_sha256"):
+        diffs = [f"other token store contents (store sha256 saved {str(saved.get('store_sha256'))[:12]}…, "
+                 f"now {str(current.get('store_sha256'))[:12]}…)"]
     if not diffs:
         diffs = [f"same block counts but other contents (sha256 saved {str(saved.get('sha256'))[:12]}…, "
                  f"now {current['sha256'][:12]}…)"]
@@ -78,19 +101,25 @@ def check_same_data(saved: Optional[dict], current: dict, where: str) -> None:
 
 def build_data(data_cfg: DataConfig, seq_len: int, seed: int) -> DataBundle:
     t0 = time.perf_counter()
+    if seq_len <= 0:
+        raise DataError(f"train.seq_len: expected a positive integer, found {seq_len}")
     tokenizer = load_tokenizer(data_cfg.tokenizer)
-    documents = load_documents(data_cfg)
-    stream = token_stream(documents, tokenizer)
-    blocks = pack_blocks(stream, seq_len)
-    train, val = split_train_val(blocks, data_cfg.val_fraction, seed)
-    stats = {"documents": len(documents), "tokens": int(stream.size), "blocks": int(blocks.size(0)),
+    store = ensure_store(data_cfg, tokenizer)
+    width = seq_len + 1
+    n = store.num_tokens // width
+    if n < 2:
+        raise DataError(f"the corpus has {store.num_tokens} tokens: fewer than 2 blocks of seq_len+1 = {width} tokens "
+                        "(one for training, one for validation); use more data or a smaller train.seq_len")
+    train_rows, val_rows = split_indices(n, data_cfg.val_fraction, seed)
+    train, val = BlockSet(store, width, train_rows), BlockSet(store, width, val_rows)
+    stats = {"documents": int(store.header["documents"]), "tokens": store.num_tokens, "blocks": n,
              "seconds": time.perf_counter() - t0}
-    get_logger().info(f"data: {stats['documents']} documents, {stats['tokens']:,} tokens -> {train.size(0)} train / "
-                      f"{val.size(0)} val blocks of {seq_len}+1 ({stats['seconds']:.2f}s)")
-    return DataBundle(train_blocks=train, val_blocks=val, tokenizer=tokenizer, stats=stats)
+    get_logger().info(f"data: {stats['documents']:,} documents, {stats['tokens']:,} tokens in {store.path} -> "
+                      f"{len(train)} train / {len(val)} val blocks of {seq_len}+1 ({stats['seconds']:.2f}s)")
+    return DataBundle(train_blocks=train, val_blocks=val, tokenizer=tokenizer, store=store, stats=stats)
 
 
-def iter_val_batches(val_blocks: torch.Tensor, rank: int, world_size: int, micro_batch_size: int,
+def iter_val_batches(val_blocks: "BlockSet | torch.Tensor", rank: int, world_size: int, micro_batch_size: int,
                      max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets), each ``[B, seq_len]``, from this rank's contiguous slice of the validation set.
 
@@ -100,19 +129,19 @@ def iter_val_batches(val_blocks: torch.Tensor, rank: int, world_size: int, micro
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    n = val_blocks.size(0)
+    n = len(val_blocks)
     per_rank = n // world_size
     if per_rank == 0:
         # Fewer validation blocks than ranks: share blocks rather than leave a rank without a batch.
         warn_once(f"validation set has {n} blocks for {world_size} ranks; ranks share blocks "
                   "(raise data.val_fraction for a disjoint split)")
-        mine = val_blocks[rank % n:rank % n + 1]
+        lo, hi = rank % n, rank % n + 1
     else:
-        mine = val_blocks[rank * per_rank:(rank + 1) * per_rank]
-    size = min(micro_batch_size, mine.size(0))
-    count = mine.size(0) // size
+        lo, hi = rank * per_rank, (rank + 1) * per_rank
+    size = min(micro_batch_size, hi - lo)
+    count = (hi - lo) // size
     if max_batches is not None:
         count = min(count, max_batches)
     for i in range(count):
-        block = mine[i * size:(i + 1) * size]
+        block = val_blocks[lo + i * size:lo + (i + 1) * size]  # read now: one batch in memory at a time
         yield block[:, :-1], block[:, 1:]

@@ -7,6 +7,9 @@ checks the message of a changed architecture (d_ff and vocab_size together); her
 one at a time, with the exit code and the untouched folder too. A good world-1 run
 (checkpoint_step_2) is made once; every resume case works on a copy of it.
 
+Token stores: a truncated or corrupted token file (found by its inputs or named with --data-store), a
+store of another tokenizer, and a store folder that cannot be written are refused the same way.
+
 Tests run as root, so ``chmod`` cannot make a folder read-only: the read-only cases use a
 ``ro`` tmpfs mount and an ``--output-dir`` below (or equal to) a regular file. The full-disk case
 mounts a tmpfs sized for one checkpoint and a half (skipped where mounting is impossible); the
@@ -154,6 +157,58 @@ def test_empty_data_file(tmp_path):
     empty.write_text("")
     line = refused(tmp_path / "out", "--data-files", str(empty))
     assert line == f"error: data file {empty}: is empty; give a file with text in it"
+
+
+def _prepared_store(tmp_path: Path) -> Path:
+    """A store of FAST's built-in corpus (300 kB) in a folder of its own."""
+    from moe_dist.config import DataConfig
+    from moe_dist.data.prepare import ensure_store
+
+    return ensure_store(DataConfig(max_corpus_bytes=300_000, store_dir=str(tmp_path / "stores"))).path
+
+
+def _truncate_store(store: Path) -> None:
+    os.truncate(store / "tokens.bin", (store / "tokens.bin").stat().st_size - 64)
+
+
+def _flip_store(store: Path) -> None:
+    flip_bits(store / "tokens.bin", mask=0x20)
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (_truncate_store, ["tokens.bin: size", "(truncated or modified file); delete the folder"]),
+    (_flip_store, ["tokens.bin: SHA-256", "(corrupted file); delete the folder"]),
+], ids=["truncated", "corrupted"])
+def test_damaged_token_store(tmp_path, damage, expect):
+    store = _prepared_store(tmp_path)
+    damage(store)
+    before = snapshot(store)
+    for how in (["--store-dir", str(tmp_path / "stores")], ["--data-store", str(store)]):  # found, or named
+        line = refused(tmp_path / "out", *how)
+        assert line.startswith(f"error: token store {store / 'tokens.bin'}: "), line
+        assert f"{store} and prepare it again" in line, line
+        assert all(part in line for part in expect), line
+    assert snapshot(store) == before  # a damaged store is reported, never rewritten in place
+
+
+def test_store_of_another_tokenizer(tmp_path):
+    from ..bpe import make_bpe_tokenizer
+
+    store = _prepared_store(tmp_path)
+    tok = make_bpe_tokenizer(tmp_path / "bpe")
+    line = refused(tmp_path / "out", "--data-store", str(store), "--tokenizer", str(tok),
+                   "--set", "model.vocab_size=512")
+    assert line.startswith(f"error: token store {store / 'store.json'}: field 'tokenizer' is byte"), line
+    assert f"the run asks for data.tokenizer={tok}" in line and "prepare a store with this one" in line
+
+
+def test_store_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    line = refused(tmp_path / "out", "--store-dir", str(blocker / "stores"))
+    assert line == (f"error: data.store_dir {blocker / 'stores'}: cannot write there (Not a directory); pass a "
+                    "writable --store-dir (or prepare the store elsewhere with moe-prepare-data and pass --data-store)")
+    assert blocker.read_text() == "keep me"
 
 
 def test_vocab_smaller_than_tokenizer(tmp_path):

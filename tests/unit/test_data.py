@@ -191,9 +191,11 @@ def test_train_val_disjoint():
     assert len(split_indices(2, 0.9, seed=0)[0]) == 1  # train keeps at least one block
 
 
-def test_build_data_default_corpus_is_fast():
+def test_build_data_default_corpus_is_fast(tmp_path):
+    import datasets  # noqa: F401 - imported before the clock starts: what is timed is preparing, not importing
+
     t0 = time.perf_counter()
-    data = build_data(DataConfig(), seq_len=128, seed=1234)
+    data = build_data(DataConfig(store_dir=str(tmp_path)), seq_len=128, seed=1234)  # prepares the store
     elapsed = time.perf_counter() - t0
     assert elapsed < 2.0, f"build_data took {elapsed:.2f}s"
     assert data.train_blocks.shape[1] == 129 and data.val_blocks.shape[1] == 129
@@ -201,8 +203,18 @@ def test_build_data_default_corpus_is_fast():
     assert 0 <= 4_000_000 + data.stats["documents"] - data.stats["tokens"] < 4  # bytes + one EOS per document
     assert n == data.stats["tokens"] // 129
     assert data.val_blocks.shape[0] == round(n * 0.05)
-    assert torch.equal(build_data(DataConfig(max_corpus_bytes=50_000), 64, 1).val_blocks,
-                       build_data(DataConfig(max_corpus_bytes=50_000), 64, 1).val_blocks)
+    t0 = time.perf_counter()
+    again = build_data(DataConfig(store_dir=str(tmp_path)), seq_len=128, seed=1234)  # reuses it
+    assert time.perf_counter() - t0 < 0.5 and again.store.path == data.store.path
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [data.store.path.name]
+    # The store's blocks are the in-memory path's blocks: same stream, same split.
+    blocks = pack_blocks(token_stream(load_documents(DataConfig()), ByteTokenizer()), 128)
+    train_idx, val_idx = split_indices(n, 0.05, 1234)
+    assert torch.equal(data.val_blocks[:], blocks[val_idx]) and data.val_blocks[:].dtype == torch.long
+    pick = torch.tensor([0, 7, len(train_idx) - 1])
+    assert torch.equal(data.train_blocks[pick], blocks[train_idx[pick]])
+    small = DataConfig(max_corpus_bytes=50_000, store_dir=str(tmp_path))
+    assert torch.equal(build_data(small, 64, 1).val_blocks[:], build_data(small, 64, 1).val_blocks[:])
 
 
 def test_iter_val_batches_disjoint_and_equal_counts():
@@ -301,27 +313,45 @@ def test_sampler_load_mismatch_names_both_values():
 
 
 # ----------------------------------------------------------------------------- data fingerprint
-def test_fingerprint_tracks_the_blocks_not_the_object():
+def test_fingerprint_is_the_store_hash_and_the_split():
     from moe_dist.data.loader import data_fingerprint
 
-    train, val = torch.arange(40 * 9).view(40, 9), torch.arange(5 * 9).view(5, 9)
-    fp = data_fingerprint(train, val)
-    assert fp == data_fingerprint(train.clone(), val.clone())
-    assert fp["train_blocks"] == 40 and fp["val_blocks"] == 5 and fp["block_tokens"] == 9
-    changed = train.clone()
-    changed[17, 3] += 1  # small data: every block is hashed, so any token counts
-    assert data_fingerprint(changed, val)["sha256"] != fp["sha256"]
-    assert data_fingerprint(val, train)["sha256"] != fp["sha256"]  # the split matters
+    val = torch.tensor([3, 9, 20])
+    fp = data_fingerprint("a" * 64, 9, 40, val)
+    assert fp == data_fingerprint("a" * 64, 9, 40, val.clone())
+    assert fp["train_blocks"] == 40 and fp["val_blocks"] == 3 and fp["block_tokens"] == 9
+    assert fp["store_sha256"] == "a" * 64
+    assert data_fingerprint("b" * 64, 9, 40, val)["sha256"] != fp["sha256"]  # other store contents
+    assert data_fingerprint("a" * 64, 9, 40, torch.tensor([3, 9, 21]))["sha256"] != fp["sha256"]  # the split matters
+    assert data_fingerprint("a" * 64, 10, 40, val)["sha256"] != fp["sha256"]
 
 
-def test_fingerprint_of_large_data_hashes_a_bounded_sample(monkeypatch):
+def test_fingerprint_changes_with_any_token_of_the_store(tmp_path):
+    """The store's hash covers every token (computed while writing), not a sample of the blocks."""
+    text = tmp_path / "a.txt"
+    text.write_text("x" * 5000)
+    cfg = DataConfig(data_files=[str(text)], store_dir=str(tmp_path / "s"))
+    fp = build_data(cfg, 31, 0).fingerprint
+    text.write_text("x" * 2500 + "y" + "x" * 2499)  # one byte in the middle of one block
+    fp2 = build_data(cfg, 31, 0).fingerprint
+    assert fp2["store_sha256"] != fp["store_sha256"] and fp2["sha256"] != fp["sha256"]
+    assert {k: fp[k] for k in ("train_blocks", "val_blocks", "block_tokens")} == \
+        {k: fp2[k] for k in ("train_blocks", "val_blocks", "block_tokens")}
+
+
+def test_checkpoints_from_before_token_stores_still_match(tmp_path, monkeypatch):
+    """Their fingerprint sampled blocks of the in-memory split; the store's blocks give the same one."""
     from moe_dist.data import loader
 
-    monkeypatch.setattr(loader, "FINGERPRINT_SAMPLES", 8)
-    train = torch.zeros(1000, 3, dtype=torch.long)
-    fp = loader.data_fingerprint(train, train[:10])
-    train[0, 0] = train[999, 2] = 7  # first and last blocks are always in the sample
-    assert loader.data_fingerprint(train, train[:10])["sha256"] != fp["sha256"]
+    monkeypatch.setattr(loader, "LEGACY_SAMPLES", 64)  # fewer samples than blocks: the sampled branch
+    cfg = DataConfig(max_corpus_bytes=60_000, store_dir=str(tmp_path))
+    blocks = pack_blocks(token_stream(load_documents(cfg), ByteTokenizer()), 31)
+    train, val = split_train_val(blocks, cfg.val_fraction, 5)
+    old = loader.legacy_fingerprint(train, val)
+    assert len(train) > 64 and set(old) == {"train_blocks", "val_blocks", "block_tokens", "sha256"}
+    data = build_data(cfg, 31, 5)
+    assert data.fingerprint_like(old) == old and data.fingerprint_like(data.fingerprint) == data.fingerprint
+    assert build_data(cfg, 31, 6).fingerprint_like(old) != old  # another split
 
 
 def test_other_data_is_refused_with_what_differs():
@@ -336,3 +366,6 @@ def test_other_data_is_refused_with_what_differs():
     with pytest.raises(DataError, match=r"same block counts but other contents \(sha256 saved aaaaaaaaaaaa…, now "
                                         r"bbbbbbbbbbbb…\)"):
         check_same_data(saved, dict(saved, sha256="b" * 64), "ck")
+    with pytest.raises(DataError, match=r"other token store contents \(store sha256 saved cccccccccccc…, now "
+                                        r"dddddddddddd…\)"):
+        check_same_data(dict(saved, store_sha256="c" * 64), dict(saved, store_sha256="d" * 64, sha256="b" * 64), "ck")
