@@ -62,6 +62,8 @@ class Launched:
         self.workers: dict[int, psutil.Process] = {}
 
     def output(self) -> str:
+        if self.log.closed:
+            return self.final_output
         self.log.seek(0)
         return self.log.read()
 
@@ -149,6 +151,7 @@ class Launched:
 
     def close(self) -> None:
         self.kill()
+        self.final_output = self.output()  # still readable through output() afterwards
         self.log.close()
 
 
