@@ -114,7 +114,8 @@ class RunLock:
         if self.fd is None:
             return
         try:
-            os.unlink(self.path)  # while still locked: see the module docstring
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:  # not a newer run's file (ours was removed)
+                os.unlink(self.path)  # while still locked: see the module docstring
         except FileNotFoundError:
             pass
         os.close(self.fd)  # drops the lock
