@@ -20,6 +20,7 @@ import sys
 if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from contextlib import ExitStack  # noqa: E402
 from typing import Optional  # noqa: E402
 
 
@@ -72,10 +73,12 @@ def run(argv: Optional[list[str]] = None) -> int:
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data import DataError
     from moe_dist.parallel.runtime import shutdown
+    from moe_dist.run_lock import RunFolderBusy
 
     try:
-        return _train(cfg, args)
-    except (ConfigError, DataError, CheckpointError) as e:
+        with ExitStack() as held:  # the run folder's lock, released before the process group goes
+            return _train(cfg, args, held)
+    except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         return _fail(str(e))
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
         where = f": {e.filename}" if e.filename else ""
@@ -84,7 +87,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         shutdown()
 
 
-def _train(cfg, args) -> int:  # noqa: ANN001 - internal
+def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     import signal
 
     from moe_dist.checkpoint.manager import CheckpointManager
@@ -98,12 +101,18 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     from moe_dist.model import count_parameters
     from moe_dist.parallel.expert_parallel import validate_ep
     from moe_dist.parallel.runtime import build_engine, init_runtime
+    from moe_dist.run_lock import hold_run_folder
     from moe_dist.trainer import Trainer
     from moe_dist.ui import TrainUI
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_ep(cfg, world)
     _check_output_dir(cfg.checkpoint.output_dir)
+    rt = init_runtime(cfg, args.deepspeed_config)
+    # One live writer per folder: a second run stops here, on every rank, before it reads the folder.
+    lock = hold_run_folder(cfg.checkpoint.output_dir, rt.rank)
+    if lock is not None:
+        held.callback(lock.release)
     resume_path = preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if resume_path is not None:  # ... and so does other data
@@ -113,7 +122,6 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
-    rt = init_runtime(cfg, args.deepspeed_config)
     _, engine = build_engine(rt, cfg)
     strict_device_from_env()  # tests: from here on an implicit device is an error (see moe_dist.debug)
 
@@ -123,7 +131,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     trainer.grad_probe = grad_dump_probe_from_env(rt.rank)
     ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
     resumed_from = ckpt.maybe_resume()
-    if resumed_from is not None:
+    if cfg.checkpoint.resume:  # rows after the resumed step (all of them on a fresh start) come again
         metrics.truncate_after(trainer.state.step)
 
     stop = {"flag": False}
@@ -153,6 +161,9 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
 
 
 def main() -> None:
+    from moe_dist.parallel.launcher_guard import die_with_launcher
+
+    die_with_launcher()  # first: an orphan of a dead torchrun/accelerate agent must not train or save
     code = run()
     # DeepSpeed's ZeRO-3 (with or without offload) can abort in C++ static destructors at interpreter
     # exit ("terminate called without an active exception") even after the process group is destroyed,

@@ -122,8 +122,15 @@ def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
             f"{total:,} total, {active:,} active per token")
 
 
+def run_folder_of(folder: Path) -> Path:
+    """The run folder (``--output-dir``) a checkpoint folder belongs to."""
+    return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+
+
 def checkpoint_info(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
+    from ..run_lock import run_status
+
     if not (folder / layout.TRAIN_STATE).is_file():
         _require_complete(folder)
     state = _read_json(folder / layout.TRAIN_STATE)
@@ -137,6 +144,7 @@ def checkpoint_info(folder: Path) -> dict[str, Any]:
         "saved_at": state.get("saved_at"), "torch": state.get("torch"), "preset": state.get("config", {}).get("preset"),
         **dict(zip(("model", "parameters"), _model_summary(_model_config(folder, state)))),
         "complete": not missing, "missing": missing,
+        "live": run_status(run_folder_of(folder)),  # the holder of the run folder's lock, or None
     }
 
 
@@ -189,6 +197,8 @@ def _error(msg: str) -> None:
 
 def _print_info(info: dict[str, Any]) -> None:
     from rich.console import Console
+
+    from ..run_lock import describe_holder
     from rich.table import Table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no wrapping in logs
@@ -207,6 +217,8 @@ def _print_info(info: dict[str, Any]) -> None:
         ("saved at", num(info["saved_at"])), ("preset", num(info["preset"])), ("model", info["model"]),
         ("parameters", info["parameters"]),
         ("complete", "yes" if info["complete"] else f"[red]no[/] (missing {', '.join(info['missing'])})"),
+        ("live run", f"[bold]yes[/]: {describe_holder(info['live'])} (writing to this folder)" if info["live"]
+         else "no"),
     ]
     for k, v in rows:
         table.add_row(k, v)

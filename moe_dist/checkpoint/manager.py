@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,7 @@ from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dic
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
+FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed) instead of dying
 SHORT_WRITE = "a shard file was written short (disk full, quota or file-size limit)"
 
 
@@ -52,7 +54,8 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
     a save, ``before_shards``, ``before_metadata``, ``after_metadata``, ``before_publish``,
     ``before_latest``, ``after_latest``, and ``between_renames`` (only when a step is saved again,
     replacing its folder). Under torchrun only the first attempt dies, so a restarted
-    job can show that it recovers."""
+    job can show that it recovers. ``MOE_DIST_FAULT_ACTION=hang`` holds the process at the point
+    instead (one line on stderr says so), for a test that kills the launcher there."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return
@@ -61,6 +64,10 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
     if at_step and step is not None and int(at_step) != step:
         return
     if target == name and (not rank or int(rank) == (dist.get_rank() if dist.is_initialized() else 0)):
+        if os.environ.get(FAULT_ACTION_ENV) == "hang":
+            print(f"[moe_dist] fault point {name}: holding here until killed", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
