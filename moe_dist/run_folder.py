@@ -65,14 +65,40 @@ def check_fresh_start(output_dir: str, resume: Optional[str], overwrite: bool, m
     return move_aside(output_dir)
 
 
+def _aside_folder(output_dir: str) -> Path:
+    dest = Path(f"{output_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    base, n = dest, 1
+    while dest.exists():  # two starts within one second
+        n += 1
+        dest = base.with_name(f"{base.name}~{n}")
+    return dest
+
+
+def set_aside_later_checkpoints(output_dir: str, resumed_from: Optional[Path], step: int) -> list[str]:
+    """After resuming this run at ``step`` from one of its own checkpoints named by path (``--resume
+    auto`` takes the newest complete one: later ones are damaged, and stay for inspection), move the checkpoints of
+    later steps (a future this run abandoned) to ``<output-dir>.old-<time>/checkpoints/``, so the
+    newest checkpoint in the folder is always this run's: what ``--resume auto`` and ``moe-ckpt
+    info`` take. Rank 0 only. Returns the names moved."""
+    from .checkpoint import layout
+
+    root = layout.checkpoints_dir(output_dir)
+    if resumed_from is None or Path(resumed_from).resolve().parent != root.resolve():
+        return []  # resumed from another run's checkpoint: this folder's are not a branch of it
+    later = [p for s, p in layout.complete_checkpoints(root) if s > step]
+    if not later:
+        return []
+    dest = _aside_folder(output_dir) / CHECKPOINTS
+    dest.mkdir(parents=True)
+    for p in later:
+        os.rename(p, dest / p.name)
+    return [p.name for p in later]
+
+
 def move_aside(output_dir: str) -> Path:
     """Move every entry of ``output_dir`` but the lock and write probes into ``<output-dir>.old-<UTC time>``."""
     src = Path(output_dir)
-    dest = Path(f"{str(src).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    base, n = dest, 1
-    while dest.exists():  # two --overwrite starts within one second
-        n += 1
-        dest = base.with_name(f"{base.name}~{n}")
+    dest = _aside_folder(output_dir)
     dest.mkdir(parents=True)
     for entry in sorted(src.iterdir()):
         if entry.name in NOT_A_RUN or entry.name.startswith(NOT_A_RUN_PREFIXES):

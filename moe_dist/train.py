@@ -121,7 +121,7 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     from moe_dist.logging_utils import get_logger
     from moe_dist.parallel.expert_parallel import validate_ep
     from moe_dist.parallel.runtime import build_engine, init_runtime
-    from moe_dist.run_folder import check_fresh_start
+    from moe_dist.run_folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.trainer import Trainer
     from moe_dist.ui import TrainUI
 
@@ -155,7 +155,11 @@ def _train(cfg, args) -> int:  # noqa: ANN001 - internal
     ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
     resumed_from = ckpt.maybe_resume()
     metrics.truncate_after(trainer.state.step)  # rows past the start step are recomputed: one row per step
-    if rt.is_main:
+    if rt.is_main and cfg.checkpoint.resume != "auto":  # auto skips only damaged later ones: left in place
+        later = set_aside_later_checkpoints(cfg.checkpoint.output_dir, resumed_from, trainer.state.step)
+        if later:
+            get_logger().info(f"resumed at step {trainer.state.step}: moved the later checkpoints of this folder "
+                              f"({', '.join(later)}) to {cfg.checkpoint.output_dir}.old-<time>/checkpoints")
         run_artifacts.write_config(cfg, cfg.checkpoint.output_dir)
     trackers.start(rt.accelerator, cfg, report_to)
 

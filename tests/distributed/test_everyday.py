@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from moe_dist.checkpoint import layout
+from moe_dist.checkpoint.cli import resolve_checkpoint
 
 from .harness import REPO_ROOT
 from .trainrun import FAST, TRAIN, metrics, train
@@ -89,6 +90,18 @@ def test_plain_python_run_sigterm_exit_75_and_the_run_folder(tmp_path):
                              env=_plain_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))  # one row per step, one run
+
+    # Back to an older step by path: the later checkpoint is set aside, so the newest one in the folder
+    # is this run's, and moe-ckpt info and --resume auto name the same one.
+    older = out / "checkpoints" / layout.step_dir_name(step)
+    back = subprocess.run(cmd + ["--max-steps", str(step + 1), "--resume", str(older)], cwd=REPO_ROOT,
+                          env=_plain_env(), capture_output=True, text=True, timeout=300)
+    assert back.returncode == 0, back.stdout[-2000:] + back.stderr[-2000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
+    newest = out / "checkpoints" / layout.step_dir_name(step + 1)
+    assert resolve_checkpoint(str(out)) == newest.resolve() == layout.resolve_resume("auto", str(out)).resolve()
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "checkpoints" / layout.step_dir_name(step + 2)).is_dir()  # moved, not deleted
 
 
 def test_val_loss_is_the_same_on_2_and_3_ranks(tmp_path):

@@ -52,3 +52,32 @@ def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"wandb needs the wandb package, which is not installed; "
                                           r"pip install 'moe_dist\[wandb\]'"):
         trackers.requested(cfg)
+
+
+def test_wandb_runs_offline_into_the_run_folder(tmp_path, monkeypatch):
+    """What trackers.start hands Accelerate opens a real offline W&B run under <output-dir>/wandb."""
+    wandb = pytest.importorskip("wandb")
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = apply_overrides(get_preset("tiny"), {"checkpoint.output_dir": str(tmp_path / "run"),
+                                               "train.report_to": "wandb"})
+    (tmp_path / "run").mkdir()
+    calls = []
+
+    class Recorder:
+        def init_trackers(self, project_name, config, init_kwargs):
+            calls.append((project_name, config, init_kwargs))
+
+    trackers.start(Recorder(), cfg, ["wandb"])
+    (project, config, init_kwargs) = calls[0]
+    assert init_kwargs["wandb"]["mode"] == "offline" and init_kwargs["wandb"]["dir"] == str(tmp_path / "run")
+    # What Accelerate's WandBTracker.start / store_init_configuration / log / finish do (they need an
+    # accelerate state this unit test does not make):
+    run = wandb.init(project=project, **init_kwargs["wandb"])
+    run.config.update(config, allow_val_change=True)
+    run.log(trackers.scalars({"step": 1, "loss": 2.5, "expert_tokens": [1]}), step=1)
+    run.finish()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

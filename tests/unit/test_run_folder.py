@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_dist.config import ConfigError
-from moe_dist.run_folder import check_fresh_start, run_traces
+from moe_dist.run_folder import check_fresh_start, run_traces, set_aside_later_checkpoints
 
 
 def _old_run(folder):
@@ -50,3 +50,24 @@ def test_overwrite_moves_the_old_run_aside_and_keeps_the_lock(tmp_path):
     _old_run(run)
     again = check_fresh_start(str(run), None, overwrite=True, move=True)  # same second: another name
     assert again != moved and again.exists() and moved.exists()
+
+
+def test_resuming_an_older_step_sets_the_later_checkpoints_aside(tmp_path):
+    from moe_dist.checkpoint import layout
+
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    for step in (2, 4, 6):
+        folder = root / layout.step_dir_name(step)
+        folder.mkdir(parents=True)
+        for name in (layout.DCP_METADATA, layout.MANIFEST, layout.TRAIN_STATE):
+            (folder / name).write_text("{}")
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [2, 4, 6]
+    other = tmp_path / "other" / "checkpoints" / "checkpoint_step_2"
+    assert set_aside_later_checkpoints(str(run), other, 2) == []  # another run's checkpoint: nothing moves
+    assert set_aside_later_checkpoints(str(run), None, 0) == []
+    assert set_aside_later_checkpoints(str(run), root / "checkpoint_step_2", 2) == [
+        "checkpoint_step_4", "checkpoint_step_6"]
+    assert [s for s, _ in layout.complete_checkpoints(root)] == [2]  # auto and moe-ckpt info: step 2
+    (aside,) = tmp_path.glob("run.old-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["checkpoint_step_4", "checkpoint_step_6"]
