@@ -27,20 +27,31 @@ from typing import Any, Optional  # noqa: E402
 PREEMPTED_EXIT_CODE = 75
 
 
-# How long a rank other than 0 waits before it reports an error and exits. Launchers (torchrun,
-# accelerate launch) kill every rank as soon as one exits: were rank 1 to exit first, rank 0 would be
-# killed before it printed. Rank 0 reports at once; the others only if still alive after this, so
-# the line shows once when every rank finds the error, and still shows when only rank k does.
+# How long a rank other than 0 waits before it reports a start-up error and exits. Launchers
+# (torchrun, accelerate launch) kill every rank as soon as one exits: were rank 1 to exit first,
+# rank 0 would be killed before it printed. Rank 0 reports at once; the others only if still alive
+# after this, so the line shows once when every rank finds the error, and still shows when only
+# rank k does.
 PEER_GRACE_S = 3.0
+
+
+def _process_group_up() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported yet: certainly not initialised
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def _fail(msg: str, code: int = 2, every_rank: bool = False) -> int:
     """Report ``msg`` as one ``error:`` line on stderr and return ``code``.
 
-    ``every_rank``: an error of this rank only (a full disk), labelled with the rank."""
+    Once the process group is up, an error every rank raises alike (a failed save) is printed by
+    rank 0 only: the ranks meet at the barrier in ``shutdown`` before any exits. Before that, every
+    rank reports (see ``PEER_GRACE_S``). ``every_rank``: an error of this rank only (a full disk),
+    labelled with the rank, printed wherever it happens."""
     import time
 
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and not every_rank and _process_group_up():
+        return code
     if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(PEER_GRACE_S)
     label = f"error (rank {rank})" if every_rank and rank != 0 else "error"
