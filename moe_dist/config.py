@@ -123,12 +123,18 @@ class TrainConfig:
     weight_decay: float = _f(0.1, "Decoupled weight decay of both optimizers.")
     adam_betas: tuple = _f((0.9, 0.95), "AdamW betas.")
     muon_momentum: float = _f(0.95, "Muon momentum.")
-    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    grad_clip: Optional[float] = _f(
+        None, "Clip the global gradient norm to this (0 = off; None = 1.0 with AdamW, off with Muon, whose "
+              "updates are normalised already).")
     optimizer: str = _f("muon", "'muon' (Muon + AdamW) or 'adamw' (AdamW for everything).")
     eval_every: int = _f(50, "Validate every N optimizer steps (0 = never).")
-    eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
+    eval_batches: Optional[int] = _f(
+        16, "Validation batches of micro_batch_size sequences in one pass, over all ranks together: a fixed "
+            "global sample, so val_loss is the same on any world size (None = the whole validation split).")
     log_every: int = _f(1, "Print a log line every N steps (metrics.jsonl gets every step).")
     seed: int = _f(1234, "Seed of weights, data order and router noise.")
+    report_to: list = _f([], "Trackers that also get the metrics, through Accelerate: 'tensorboard' "
+                             "(<output-dir>/tensorboard), 'wandb' (offline, <output-dir>/wandb); comma-separated.")
 
     def __post_init__(self) -> None:
         s = "train"
@@ -138,9 +144,15 @@ class TrainConfig:
         _require(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "between 0 and 1", self.min_lr_ratio)
         _require(self.optimizer in ("muon", "adamw"), s, "optimizer", "'muon' or 'adamw'", self.optimizer)
         _require(self.muon_lr > 0 and self.adamw_lr > 0, s, "muon_lr/adamw_lr", "> 0", (self.muon_lr, self.adamw_lr))
-        _require(self.grad_clip >= 0, s, "grad_clip", ">= 0", self.grad_clip)
+        _require(self.grad_clip is None or self.grad_clip >= 0, s, "grad_clip", ">= 0 or None", self.grad_clip)
+        _require(self.eval_batches is None or self.eval_batches > 0, s, "eval_batches", "> 0 or None",
+                 self.eval_batches)
         _require(self.eval_every >= 0, s, "eval_every", ">= 0", self.eval_every)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if isinstance(self.report_to, str):
+            self.report_to = [p.strip() for p in self.report_to.split(",") if p.strip()]
+        for name in self.report_to:
+            _require(name in ("tensorboard", "wandb", "none"), s, "report_to", "'tensorboard', 'wandb' or 'none'", name)
 
 
 @dataclass
@@ -177,6 +189,9 @@ class CheckpointConfig:
     save_every: int = _f(5000, "Save checkpoint_step_<N> every N optimizer steps (0 = only at the end).")
     keep_last: int = _f(0, "Keep only the newest K periodic checkpoints (0 = keep all).")
     resume: Optional[str] = _f(None, "A checkpoint folder, checkpoint_latest, or 'auto' (newest complete one, if any).")
+    init_from: Optional[str] = _f(
+        None, "Start from these weights only (a checkpoint, .pt, safetensors or --format hf export; any world "
+              "size or EP degree): fresh optimizer, schedule and data cursor. A checkpoint found by --resume wins.")
     async_save: bool = _f(False, "Write checkpoints in the background while training continues.")
     stop_at_step: Optional[int] = _f(
         None, "Save and exit once this step is reached, without changing the LR schedule (for jobs with a time "
@@ -245,7 +260,7 @@ def _preset_b200() -> RunConfig:
     m = ModelConfig(vocab_size=50304, d_model=2816, n_layers=30, n_heads=22, d_ff=7680, num_experts=8, top_k=2,
                     expert_type="silu_mlp", max_seq_len=2048)
     t = TrainConfig(global_batch_size=128, micro_batch_size=2, seq_len=2048, warmup_steps=1000, max_steps=100000,
-                    muon_lr=0.01, adamw_lr=3e-4, weight_decay=0.1, grad_clip=1.0, eval_every=1000, eval_batches=20)
+                    muon_lr=0.01, adamw_lr=3e-4, weight_decay=0.1, eval_every=1000, eval_batches=20)
     p = ParallelConfig(ep_size=8)  # ZeRO-2 + bf16 from launch_configs/b200_multinode.json
     return RunConfig(model=m, train=t, parallel=p, preset="b200")
 
@@ -312,21 +327,21 @@ def _coerce(value: str, current: Any, where: str) -> Any:
     return value
 
 
-def resolve_key(key: str) -> tuple[str, str]:
-    """Map 'section.field' or a unique bare 'field' to (section, field)."""
+def resolve_key(key: str, source: str = "--set") -> tuple[str, str]:
+    """Map 'section.field' or a unique bare 'field' to (section, field); errors start with ``source``."""
     classes = _section_classes()
     if "." in key:
         sec, name = key.split(".", 1)
         if sec not in classes:
-            raise ConfigError(f"--set {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}")
+            raise ConfigError(f"{source} {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}")
         if name not in {f.name for f in fields(classes[sec])}:
-            raise ConfigError(f"--set {key}: {sec} has no field {name!r}; see `moe-train --help-config`")
+            raise ConfigError(f"{source} {key}: {sec} has no field {name!r}; see `moe-train --help-config`")
         return sec, name
     hits = [sec for sec, c in classes.items() if key in {f.name for f in fields(c)}]
     if not hits:
-        raise ConfigError(f"--set {key}: no config field is named {key!r}; see `moe-train --help-config`")
+        raise ConfigError(f"{source} {key}: no config field is named {key!r}; see `moe-train --help-config`")
     if len(hits) > 1:
-        raise ConfigError(f"--set {key}: ambiguous, exists in {', '.join(hits)}; write e.g. {hits[0]}.{key}")
+        raise ConfigError(f"{source} {key}: ambiguous, exists in {', '.join(hits)}; write e.g. {hits[0]}.{key}")
     return hits[0], key
 
 

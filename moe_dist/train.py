@@ -21,17 +21,48 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contextlib import ExitStack  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+# Exit code of a run stopped by SIGTERM / SIGINT after saving its checkpoint: EX_TEMPFAIL of
+# sysexits.h, "try again later". A job script reads it as "preempted, saved: rerun with --resume auto".
+PREEMPTED_EXIT_CODE = 75
+
+
+# How long a rank other than 0 waits before it reports a start-up error and exits. Launchers
+# (torchrun, accelerate launch) kill every rank as soon as one exits: were rank 1 to exit first,
+# rank 0 would be killed before it printed. Rank 0 reports at once; the others only if still alive
+# after this, so the line shows once when every rank finds the error, and still shows when only
+# rank k does.
+PEER_GRACE_S = 3.0
+
+
+def _process_group_up() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported yet: certainly not initialised
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def _fail(msg: str, code: int = 2, every_rank: bool = False) -> int:
-    """One line on stderr, from rank 0 (errors every rank sees alike) or ``every_rank`` (local ones)."""
+    """Report ``msg`` as one ``error:`` line on stderr and return ``code``.
+
+    Once the process group is up, an error every rank raises alike (a failed save) is printed by
+    rank 0 only: the ranks meet at the barrier in ``shutdown`` before any exits. Before that, every
+    rank reports (see ``PEER_GRACE_S``). ``every_rank``: an error of this rank only (a full disk),
+    labelled with the rank, printed wherever it happens."""
+    import time
+
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"error: {msg}", file=sys.stderr)
-    elif every_rank:
-        print(f"error (rank {rank}): {msg}", file=sys.stderr)
+    if rank != 0 and not every_rank and _process_group_up():
+        return code
+    if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(PEER_GRACE_S)
+    label = f"error (rank {rank})" if every_rank and rank != 0 else "error"
+    print(f"{label}: {msg}", file=sys.stderr, flush=True)
     return code
+
+
+def _short(n: int) -> str:
+    """1.2M / 18.63B: a parameter count at the scale it is read at."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _check_output_dir(path: str) -> None:
@@ -60,14 +91,14 @@ def run(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
     if args.help_config:
-        print(config_help_text())
+        print(config_help_text(cfg))
         return 0
     if args.print_params:
         from moe_dist.model import count_parameters
 
         total, active = count_parameters(cfg.model)
-        print(f"preset {cfg.preset}: total {total:,} parameters ({total / 1e9:.2f}B), "
-              f"active per token {active:,} ({active / 1e9:.2f}B)")
+        print(f"preset {cfg.preset}: total {total:,} parameters ({_short(total)}), "
+              f"active per token {active:,} ({_short(active)})")
         return 0
 
     from moe_dist.checkpoint.errors import CheckpointError
@@ -99,30 +130,43 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env, strict_device_from_env
     from moe_dist.metrics import MetricsLog
     from moe_dist.model import count_parameters
+    from moe_dist import init_from as init_weights
+    from moe_dist import run_artifacts, trackers
+    from moe_dist.logging_utils import get_logger
     from moe_dist.parallel.expert_parallel import validate_ep
     from moe_dist.parallel.runtime import build_engine, init_runtime
+    from moe_dist.run_folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run_lock import hold_run_folder
     from moe_dist.trainer import Trainer
     from moe_dist.ui import TrainUI
 
+    stop_at = cfg.checkpoint.stop_at_step
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_ep(cfg, world)
+    report_to = trackers.requested(cfg)  # a tracker that is not installed fails now
     _check_output_dir(cfg.checkpoint.output_dir)
-    rt = init_runtime(cfg, args.deepspeed_config)
+    rt = init_runtime(cfg, args.deepspeed_config, trackers.accelerator_kwargs(report_to, cfg.checkpoint.output_dir))
     # One live writer per folder: a second run stops here, on every rank, before it reads the folder.
     lock = hold_run_folder(cfg.checkpoint.output_dir, rt.rank)
     if lock is not None:
         held.callback(lock.release)
+    moved = check_fresh_start(cfg.checkpoint.output_dir, cfg.checkpoint.resume, args.overwrite,
+                              move=rt.is_main)
+    if moved is not None:
+        get_logger().info(f"--overwrite: moved the previous run in {cfg.checkpoint.output_dir} to {moved}")
     resume_path = preflight_resume(cfg)  # a wrong --resume fails now, not after the engine is built
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if resume_path is not None:  # ... and so does other data
         saved_data = read_train_state(resume_path).get("data")
         check_same_data(saved_data, data.fingerprint_like(saved_data), str(resume_path))
+    init_from = cfg.checkpoint.init_from if resume_path is None else None  # a checkpoint to resume wins
+    if init_from:
+        init_weights.check(init_from, cfg.model)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
-    _, engine = build_engine(rt, cfg)
+    _, engine = build_engine(rt, cfg, (lambda m: init_weights.load(init_from, m)) if init_from else None)
     strict_device_from_env()  # tests: from here on an implicit device is an error (see moe_dist.debug)
 
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
@@ -131,13 +175,28 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     trainer.grad_probe = grad_dump_probe_from_env(rt.rank)
     ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
     resumed_from = ckpt.maybe_resume()
-    if cfg.checkpoint.resume:  # rows after the resumed step (all of them on a fresh start) come again
-        metrics.truncate_after(trainer.state.step)
+    metrics.truncate_after(trainer.state.step)  # rows past the start step are recomputed: one row per step
+    if rt.is_main and cfg.checkpoint.resume != "auto":  # auto skips only damaged later ones: left in place
+        later = set_aside_later_checkpoints(cfg.checkpoint.output_dir, resumed_from, trainer.state.step)
+        if later:
+            get_logger().info(f"resumed at step {trainer.state.step}: moved the later checkpoints of this folder "
+                              f"({', '.join(later)}) to {cfg.checkpoint.output_dir}.old-<time>/checkpoints")
+        run_artifacts.write_config(cfg, cfg.checkpoint.output_dir)
+    trackers.start(rt.accelerator, cfg, report_to)
 
-    stop = {"flag": False}
+    def _on_step(record: dict[str, Any]) -> None:
+        ui.on_step(record)
+        trackers.log(rt.accelerator, report_to, record)
+
+    stop: dict[str, Any] = {"signal": None, "agreed": False}
 
     def _on_signal(signum, frame):  # noqa: ANN001
-        stop["flag"] = True
+        stop["signal"] = stop["signal"] or signum
+
+    def _should_stop() -> bool:
+        if ckpt.stop_requested(stop["signal"] is not None):  # a signal on any rank stops every rank
+            stop["agreed"] = True
+        return stop["agreed"] or (stop_at is not None and trainer.state.step >= stop_at)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
@@ -147,16 +206,23 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), "
                  f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
                  f"optimizer {rt.optimizer_kind}, {str(next(engine.module.parameters()).dtype).removeprefix('torch.')}"
-                 + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else ""))
-        stop_at = cfg.checkpoint.stop_at_step
-        trainer.fit(on_step=ui.on_step, after_step=ckpt.after_step,
-                    should_stop=lambda: ckpt.stop_requested(stop["flag"])
-                    or (stop_at is not None and trainer.state.step >= stop_at))
-        saved = ckpt.finish(interrupted=stop["flag"])
+                 + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")
+                 + (f", weights from {init_from}" if init_from and not resumed_from else ""))
+        trainer.fit(on_step=_on_step, after_step=ckpt.after_step, should_stop=_should_stop)
+        saved = ckpt.finish(interrupted=False)  # a stop by signal is reported in one line below
         dump_probe_logits_from_env(engine, data, rt.rank)
+        trackers.finish(rt.accelerator, report_to)
+        if rt.is_main:
+            run_artifacts.plot_loss_curve(cfg.checkpoint.output_dir)
         ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
                                      "EP size": cfg.parallel.ep_size,
                                      "checkpoint": saved or "-"})
+    if stop["agreed"]:
+        how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal to another rank"
+        if rt.is_main:
+            print(f"preempted: stopped by {how} at step {trainer.state.step}, saved {saved}; continue with "
+                  f"--resume auto (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import RunConfig
@@ -118,15 +119,23 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean next-token cross-entropy over a fixed global validation sample (the same on any world size)."""
         self.engine.eval()
-        acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
-        for inputs, targets in iter_val_batches(self.data.val_blocks, self.rt.rank, self.rt.world_size,
-                                                self.rt.layout.micro_batch_size, self.cfg.train.eval_batches):
-            logits, _ = self.engine(inputs.to(self.rt.device), return_aux_loss=False)
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(self.rt.device).reshape(-1))
-            acc.add(ce, None, logits, targets.to(self.rt.device), None, 0)
+        device = self.rt.device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [summed CE, targets] of this rank
+        for inputs, targets, counts in iter_val_batches(self.data.val_blocks, self.rt.rank, self.rt.world_size,
+                                                        self.rt.layout.micro_batch_size,
+                                                        self.cfg.train.eval_batches):
+            logits, _ = self.engine(inputs.to(device), return_aux_loss=False)  # [B, T, V]
+            if counts:
+                ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(device).reshape(-1),
+                                     reduction="sum")
+                sums += torch.stack([ce.double(), torch.tensor(float(targets.numel()), dtype=torch.float64,
+                                                                device=device)])
         self.engine.train()
-        loss = acc.reduce()["loss"]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        loss = float(sums[0] / sums[1].clamp(min=1))
         self.state.last_val_loss = loss
         return loss
 

@@ -2,13 +2,13 @@
 
 ::
 
-    moe-ckpt info runs/r                                      # the run's checkpoint_latest
+    moe-ckpt info runs/r                                      # the run's newest complete checkpoint
     moe-ckpt info runs/r/checkpoints/checkpoint_step_500
     moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + SHA-256, expert audit
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
-or a run folder (the last two mean their ``checkpoint_latest``, else their newest complete save).
+or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes).
 
 Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt or fails the expert audit;
 2 PATH is not a checkpoint (missing, a plain folder, a run with no complete checkpoint).
@@ -54,14 +54,14 @@ def resolve_checkpoint(spec: str) -> Path:
     if _looks_like_checkpoint(p):
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    latest = root / layout.LATEST
-    if latest.is_symlink():
-        if not latest.exists():
-            raise _NotACheckpoint(f"{spec}: {latest} points to {latest.readlink()}, which does not exist")
-        return latest.resolve()
+    # The newest complete checkpoint: the one --resume auto takes (checkpoint_latest can lag behind
+    # it, after a save killed between publishing and moving the pointer).
     ckpts = layout.complete_checkpoints(root)
     if ckpts:
         return ckpts[-1][1]
+    latest = root / layout.LATEST
+    if latest.is_symlink() and not latest.exists():
+        raise _NotACheckpoint(f"{spec}: {latest} points to {latest.readlink()}, which does not exist")
     if root != p or any(layout.STEP_RE.match(c.name) for c in p.iterdir()) or layout.leftovers(p):
         raise _NotACheckpoint(f"{spec}: no complete checkpoint under {root}")
     raise _NotACheckpoint(f"{spec}: not a checkpoint (no {layout.DCP_METADATA}, {layout.MANIFEST} or "

@@ -29,14 +29,19 @@ from .reader import read_train_state
 TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
 
 
-def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # noqa: ANN401 - RunConfig
-    """Raise IncompatibleCheckpoint if ``saved``'s architecture or global batch differs from ``cfg``."""
-    saved_model = dict(saved["config"]["model"])
-    requested = replace(cfg.model, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS if k in saved_model})
+def check_same_architecture(where: Any, saved_model: dict[str, Any], model_cfg: Any) -> None:  # noqa: ANN401
+    """Raise IncompatibleCheckpoint naming each ModelConfig field that differs (training-only ones aside)."""
+    saved_model = dict(saved_model)
+    requested = replace(model_cfg, **{k: saved_model[k] for k in TRAINING_ONLY_MODEL_FIELDS if k in saved_model})
     diffs = architecture_diff(saved_model, requested)
     if diffs:
-        raise IncompatibleCheckpoint(f"{path}: checkpoint of another architecture; differing fields: "
+        raise IncompatibleCheckpoint(f"{where}: checkpoint of another architecture; differing fields: "
                                      + "; ".join(diffs) + ". Use the saved values or start a new run.")
+
+
+def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # noqa: ANN401 - RunConfig
+    """Raise IncompatibleCheckpoint if ``saved``'s architecture or global batch differs from ``cfg``."""
+    check_same_architecture(path, saved["config"]["model"], cfg.model)
     g_saved = saved["sampler"]["global_batch_size"]
     if g_saved != cfg.train.global_batch_size:
         raise IncompatibleCheckpoint(f"{path}: saved with train.global_batch_size={g_saved}, requested "

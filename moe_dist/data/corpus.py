@@ -89,6 +89,22 @@ def _quiet_datasets() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
+def _folder_hint(path: str) -> str:
+    """The message for a folder given where files are expected: which files it holds, and the glob to pass."""
+    counts: dict[str, int] = {}
+    for name in os.listdir(path):
+        ext = Path(name).suffix.lower()
+        if ext in _BUILDERS and os.path.isfile(os.path.join(path, name)):
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return (f"data file {path}: is a folder with no {'/'.join(sorted(_BUILDERS))} files in it; "
+                "pass the files themselves to --data-files")
+    held = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+    best = max(counts, key=lambda e: counts[e])
+    return (f"data file {path}: is a folder ({held} files); --data-files takes files, e.g. "
+            f"--data-files {os.path.join(path, '*' + best)}")
+
+
 def _load_file(path: str, text_field: str) -> list[str]:
     ds, field = open_file_dataset(path, text_field)
     docs = _texts(ds, field, f"data file {path}", hint="set data.text_field")
@@ -100,6 +116,8 @@ def _load_file(path: str, text_field: str) -> list[str]:
 def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = None) -> tuple[Any, str]:
     """One local data file as a ``datasets.Dataset`` and the name of its text column (checked present)."""
     ext = Path(path).suffix.lower()
+    if os.path.isdir(path):
+        raise DataError(_folder_hint(path))
     if ext not in _BUILDERS:
         raise DataError(f"data file {path}: unknown extension {ext or '(none)'!r}; "
                         f"use one of {', '.join(sorted(_BUILDERS))}")

@@ -120,28 +120,30 @@ def build_data(data_cfg: DataConfig, seq_len: int, seed: int) -> DataBundle:
 
 
 def iter_val_batches(val_blocks: "BlockSet | torch.Tensor", rank: int, world_size: int, micro_batch_size: int,
-                     max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets), each ``[B, seq_len]``, from this rank's contiguous slice of the validation set.
+                     max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(inputs, targets, counts), inputs/targets ``[B, seq_len]``: this rank's part of a fixed global sample.
 
-    Every rank yields the same number of batches of the same shape (validation forwards may run
-    collectives), the slices of different ranks are disjoint, and every call yields the same batches.
-    ``max_batches`` caps the batches per rank (None = the whole slice).
+    The sample is the first ``max_batches * micro_batch_size`` validation blocks (all of them for
+    None), whatever the world size, so a loss summed over every rank's targets is the same number
+    on 1, 2 or 3 ranks. Ranks take contiguous, disjoint parts that differ by at most one block, in
+    batches of up to ``micro_batch_size``. Every rank yields the same number of batches
+    (validation forwards may run collectives): a rank whose part is used up yields one of the
+    sample's blocks again with ``counts`` False, to be run and not counted.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     n = len(val_blocks)
-    per_rank = n // world_size
-    if per_rank == 0:
-        # Fewer validation blocks than ranks: share blocks rather than leave a rank without a batch.
-        warn_once(f"validation set has {n} blocks for {world_size} ranks; ranks share blocks "
-                  "(raise data.val_fraction for a disjoint split)")
-        lo, hi = rank % n, rank % n + 1
-    else:
-        lo, hi = rank * per_rank, (rank + 1) * per_rank
-    size = min(micro_batch_size, hi - lo)
-    count = (hi - lo) // size
-    if max_batches is not None:
-        count = min(count, max_batches)
+    if n == 0:
+        return
+    size = n if max_batches is None else min(n, max_batches * micro_batch_size)
+    sample = val_blocks[:size]  # [size, seq_len + 1], read now (a store's blocks: from the map)
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    mine = sample[start:start + base + (1 if rank < extra else 0)]
+    count = -(-(base + (1 if extra else 0)) // micro_batch_size)  # batches of the largest part
     for i in range(count):
-        block = val_blocks[lo + i * size:lo + (i + 1) * size]  # read now: one batch in memory at a time
-        yield block[:, :-1], block[:, 1:]
+        block = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
+        counts = block.size(0) > 0
+        if not counts:
+            block = sample[:1]
+        yield block[:, :-1], block[:, 1:], counts

@@ -85,7 +85,6 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
     ds["gradient_accumulation_steps"] = layout.grad_accum
     ds["train_batch_size"] = layout.global_batch_size
-    ds["gradient_clipping"] = cfg.train.grad_clip
     ds.setdefault("steps_per_print", 10**9)
 
     zero = ds.setdefault("zero_optimization", {})
@@ -122,18 +121,19 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     else:
         optimizer = t.optimizer
     if optimizer == "muon":
-        if t.grad_clip > 0:
+        if t.grad_clip:  # set by the user: the default (None) means off with Muon
             # DeepSpeed's ZeRO Muon writes the orthogonalised update into the gradient buffer before
             # the clip norm is taken, so the "gradient norm" it clips is that of the Muon updates
             # (~sqrt(sum of matrix widths), ~80 on the tiny preset): clipping at 1.0 shrank every step
             # ~80x and the tiny model stopped learning (measured). Muon updates are normalised already.
             warn_once(f"train.grad_clip={t.grad_clip} is not applied with the Muon optimizer (DeepSpeed would clip "
                       "the orthogonalised updates, not the gradients); use --set train.optimizer=adamw to clip")
-            ds["gradient_clipping"] = 0.0
+        ds["gradient_clipping"] = 0.0
         ds["optimizer"] = {"type": "Muon", "params": {
             "lr": t.adamw_lr, "muon_lr": t.muon_lr, "adam_lr": t.adamw_lr, "momentum": t.muon_momentum,
             "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
     else:
+        ds["gradient_clipping"] = 1.0 if t.grad_clip is None else t.grad_clip
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.adamw_lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
     if not on_gpu and zero.get("offload_optimizer", {}).get("device", "none") == "none":

@@ -41,12 +41,14 @@ WORKING_COMBINATIONS = ("ZeRO-1 or ZeRO-2 with any --ep-size dividing the world 
 def validate_ep(cfg: RunConfig, world_size: int, zero_stage: Optional[int] = None) -> None:
     """Check the EP degree once, before anything is built; errors name the field and both values."""
     ep, e = cfg.parallel.ep_size, cfg.model.num_experts
+    fits = ", ".join(str(d) for d in range(1, min(e, world_size) + 1) if e % d == 0 and world_size % d == 0)
     if e % ep != 0:
         raise ConfigError(f"model.num_experts ({e}) must be divisible by parallel.ep_size ({ep}); "
-                          f"choose --ep-size from {[d for d in range(1, e + 1) if e % d == 0]}")
+                          f"with {world_size} processes choose --ep-size from {fits}")
     if world_size % ep != 0:
         raise ConfigError(f"world size ({world_size}) must be divisible by parallel.ep_size ({ep}); "
-                          f"launch a multiple of {ep} processes or lower --ep-size")
+                          f"with {world_size} processes choose --ep-size from {fits}, "
+                          f"or launch a multiple of {ep} processes")
     stage = zero_stage if zero_stage is not None else cfg.parallel.zero_stage
     if ep > 1 and stage == 3:
         raise ConfigError(f"--ep-size {ep} with ZeRO-3 is not supported (DeepSpeed's ZeRO-3 does not partition "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,8 +58,11 @@ def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
     return path
 
 
-def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runtime:
-    """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig."""
+def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
+                 accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
+    """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig.
+
+    ``accelerator_kwargs``: more arguments of ``Accelerator`` (the trackers, see moe_dist.trackers)."""
     quiet_third_party()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         warn_stale_build_locks(get_logger().warning)  # before DeepSpeed's comm set-up loads its shm op
@@ -78,6 +81,8 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runt
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")  # torch's env:// rendezvous reads all four
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     # We hand Accelerate a complete DeepSpeed config; the launcher's copies of the YAML's DeepSpeed
     # fields would make it refuse ("will be ignored") although they are already merged in.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
@@ -88,7 +93,7 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> Runt
     # Not cpu=True: that makes Accelerate pick plain multi-CPU DDP and ignore the DeepSpeed plugin.
     os.environ.pop("ACCELERATE_USE_CPU", None)
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg], mixed_precision=precision,
-                              gradient_accumulation_steps=layout.grad_accum)
+                              gradient_accumulation_steps=layout.grad_accum, **(accelerator_kwargs or {}))
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world_size}; "
                            "the process group was not initialised as expected")
@@ -116,13 +121,18 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     return engine
 
 
-def build_engine(rt: Runtime, cfg: RunConfig) -> tuple[nn.Module, Any]:
-    """The model every rank builds identically (same seed), sharded by EP, handed to DeepSpeed."""
+def build_engine(rt: Runtime, cfg: RunConfig,
+                 init_weights: Optional[Callable[[nn.Module], None]] = None) -> tuple[nn.Module, Any]:
+    """The model every rank builds identically (same seed), sharded by EP, handed to DeepSpeed.
+
+    ``init_weights(model)`` fills the full model before EP and ZeRO take their parts (--init-from)."""
     from ..model import MoETransformer
     from .expert_parallel import apply_expert_parallel
 
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer(cfg.model)
+    if init_weights is not None:
+        init_weights(model)
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing
     for layer in model.moe_layers():
         layer.capacity_factor = cfg.parallel.capacity_factor

@@ -155,8 +155,19 @@ def test_not_a_checkpoint_exits_2(tmp_path, capsys, make, message):
 
 def test_dangling_latest(run, capsys):
     shutil.rmtree(run / "checkpoints" / "checkpoint_step_10")
-    code, _, err = cli(capsys, "info", str(run))
-    assert code == 2 and "checkpoint_latest points to checkpoint_step_10, which does not exist" in err
+    code, out, _ = cli(capsys, "info", str(run))  # the run: its newest complete one, as --resume auto
+    assert code == 0 and "checkpoint_step_5" in out
+    code, _, err = cli(capsys, "info", str(run / "checkpoints" / layout.LATEST))
+    assert code == 2 and "a link to checkpoint_step_10, which does not exist" in err
+
+
+def test_info_agrees_with_resume_auto_when_latest_lags(run, capsys):
+    """A save killed between publishing step 10 and moving the pointer leaves latest on step 5."""
+    root = run / "checkpoints"
+    layout.point_latest(root, root / "checkpoint_step_5")
+    code, out, _ = cli(capsys, "info", str(run))
+    assert code == 0 and "checkpoint_step_10" in out
+    assert layout.resolve_resume("auto", str(run)) == root / "checkpoint_step_10"
 
 
 def test_help_and_console_script():

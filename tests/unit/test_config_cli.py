@@ -55,6 +55,7 @@ def test_help_mentions_every_flag_and_field():
                  "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params"):
         assert flag in text
     assert "Expert-parallel degree" in text  # field docstrings become --help
+    assert "75 stopped by SIGTERM or Ctrl-C after saving a checkpoint" in " ".join(text.split())
     assert "model.router_noise_std" in config_help_text()
 
 
@@ -81,3 +82,67 @@ def test_ds_config_resolves_everything():
     with pytest.raises(ConfigError, match="offload_params needs ZeRO stage 3"):
         build_ds_config(apply_overrides(get_preset("tiny"), {"offload_params": True, "zero_stage": 2}),
                         read_launch_json(None), 1, False)
+
+
+def test_help_config_shows_the_chosen_preset(capsys):
+    from moe_dist.train import run
+
+    assert run(["--preset", "18b", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("values of preset 18b")
+    assert "model.d_model = 4096" in text and "model.d_model = 128" not in text
+    assert run(["--preset", "18b", "--set", "model.n_layers=3", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    assert "with your overrides" in text and "model.n_layers = 3" in text
+
+
+def test_config_file_errors_name_the_file_not_set(tmp_path):
+    f = tmp_path / "o.yaml"
+    f.write_text("model:\n  nonsense: 3\n")
+    with pytest.raises(ConfigError) as err:
+        parse(["--config", str(f)])
+    assert str(err.value) == f"config file {f}: model.nonsense: model has no field 'nonsense'; see `moe-train --help-config`"
+    with pytest.raises(ConfigError, match=r"^--set model.nonsense: model has no field"):
+        parse(["--set", "model.nonsense=3"])
+
+
+def test_common_flags():
+    _, cfg = parse(["--lr", "0.05", "--global-batch-size", "24", "--log-every", "5", "--eval-every", "7"])
+    assert (cfg.train.muon_lr, cfg.train.adamw_lr) == (0.05, get_preset("tiny").train.adamw_lr)
+    assert (cfg.train.global_batch_size, cfg.train.log_every, cfg.train.eval_every) == (24, 5, 7)
+    _, cfg = parse(["--lr", "0.001", "--set", "train.optimizer=adamw"])
+    assert (cfg.train.adamw_lr, cfg.train.muon_lr) == (0.001, get_preset("tiny").train.muon_lr)
+    assert "--lr" in build_parser().format_help() and "--global-batch-size" in build_parser().format_help()
+
+
+def test_print_params_in_millions_for_small_models(capsys):
+    from moe_dist.train import run
+
+    assert run(["--preset", "tiny", "--print-params"]) == 0
+    out = capsys.readouterr().out
+    assert "0.00B" not in out and "M)" in out
+    assert run(["--preset", "18b", "--print-params"]) == 0
+    assert "B)" in capsys.readouterr().out
+
+
+def test_ep_size_hint_lists_degrees_that_fit_the_world():
+    from moe_dist.parallel.expert_parallel import validate_ep
+
+    with pytest.raises(ConfigError, match=r"with 6 processes choose --ep-size from 1, 2$"):
+        validate_ep(apply_overrides(get_preset("tiny"), {"ep_size": 3}), 6)  # 3 divides 6 but not 8 experts
+    with pytest.raises(ConfigError, match=r"with 2 processes choose --ep-size from 1, 2, or launch a multiple of 4"):
+        validate_ep(apply_overrides(get_preset("tiny"), {"ep_size": 4}), 2)
+
+
+def test_defaults_raise_no_grad_clip_warning(monkeypatch):
+    from moe_dist.parallel import deepspeed_config
+
+    seen = []
+    monkeypatch.setattr(deepspeed_config, "warn_once", seen.append)
+    ds = build_ds_config(get_preset("tiny"), read_launch_json(None), 1, False)
+    assert seen == [] and ds["gradient_clipping"] == 0.0  # Muon: off, silently
+    ds = build_ds_config(apply_overrides(get_preset("tiny"), {"train.optimizer": "adamw"}), read_launch_json(None),
+                         1, False)
+    assert seen == [] and ds["gradient_clipping"] == 1.0  # AdamW: 1.0
+    build_ds_config(apply_overrides(get_preset("tiny"), {"train.grad_clip": "1.0"}), read_launch_json(None), 1, False)
+    assert len(seen) == 1 and "grad_clip=1.0 is not applied with the Muon optimizer" in seen[0]  # asked for: said

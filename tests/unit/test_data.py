@@ -135,6 +135,20 @@ def test_data_file_errors(tmp_path, case):
     assert str(path) in msg and expect in msg and "\n" not in msg
 
 
+def test_a_folder_given_as_data_file_names_the_glob(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("a.txt", "b.txt", "c.jsonl", "notes.md"):
+        (tmp_path / "d" / name).write_text("x")
+    with pytest.raises(DataError) as err:
+        load_documents(DataConfig(data_files=[str(tmp_path / "d")]))
+    d = tmp_path / "d"
+    assert str(err.value) == (f"data file {d}: is a folder (1 .jsonl, 2 .txt files); --data-files takes files, "
+                              f"e.g. --data-files {d}/*.txt")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="is a folder with no .json/.jsonl/.parquet/.txt files in it"):
+        load_documents(DataConfig(data_files=[str(tmp_path / "e")]))
+
+
 def test_hub_dataset_offline_is_a_data_error(monkeypatch):
     import datasets.config
     import huggingface_hub.constants
@@ -217,22 +231,28 @@ def test_build_data_default_corpus_is_fast(tmp_path):
     assert torch.equal(build_data(small, 64, 1).val_blocks[:], build_data(small, 64, 1).val_blocks[:])
 
 
-def test_iter_val_batches_disjoint_and_equal_counts():
+def _counted_rows(batches):
+    return [tuple(row) for x, y, counts in batches if counts for row in torch.cat([x, y[:, -1:]], 1).tolist()]
+
+
+@pytest.mark.parametrize("max_batches", [None, 3, 100])
+def test_iter_val_batches_one_global_sample_on_any_world_size(max_batches):
     val = torch.arange(23 * 9).reshape(23, 9)
-    for world in (1, 2, 3, 4):
-        per_rank = [list(iter_val_batches(val, r, world, 2, None)) for r in range(world)]
-        assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
-        seen = [tuple(row) for batches in per_rank for x, y in batches for row in torch.cat([x, y[:, -1:]], 1).tolist()]
-        assert len(seen) == len(set(seen))  # ranks never see the same block
+    sample = [tuple(r) for r in val[:23 if max_batches is None else min(23, max_batches * 2)].tolist()]
+    for world in (1, 2, 3, 4, 5):
+        per_rank = [list(iter_val_batches(val, r, world, 2, max_batches)) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank
+        seen = [row for batches in per_rank for row in _counted_rows(batches)]
+        assert sorted(seen) == sorted(sample)  # every sampled block once, nothing else: the same on any world
         for batches in per_rank:
-            for x, y in batches:
-                assert x.shape == y.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
-    assert len(list(iter_val_batches(val, 0, 2, 2, 3))) == 3
-    a = [x for x, _ in iter_val_batches(val, 1, 3, 2, None)]
-    b = [x for x, _ in iter_val_batches(val, 1, 3, 2, None)]
+            for x, y, _ in batches:
+                assert x.shape[1] == y.shape[1] == 8 and 1 <= x.shape[0] <= 2 and torch.equal(x[:, 1:], y[:, :-1])
+    a = [x for x, _, _ in iter_val_batches(val, 1, 3, 2, None)]
+    b = [x for x, _, _ in iter_val_batches(val, 1, 3, 2, None)]
     assert all(torch.equal(p, q) for p, q in zip(a, b))
-    # Fewer blocks than ranks: every rank still gets one batch.
-    assert all(len(list(iter_val_batches(val[:1], r, 4, 2, 4))) == 1 for r in range(4))
+    # Fewer blocks than ranks: every rank still runs one forward, and only one rank's counts.
+    runs = [list(iter_val_batches(val[:1], r, 4, 2, 4)) for r in range(4)]
+    assert [len(b) for b in runs] == [1] * 4 and [b[0][2] for b in runs] == [True, False, False, False]
 
 
 # --------------------------------------------------------------------------- sampler
