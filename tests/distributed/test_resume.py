@@ -17,6 +17,7 @@ from .trainrun import by_step, metrics, train
 pytestmark = pytest.mark.distributed
 
 STEPS, HALF = 12, 6
+RESHARD_REL = 1e-4  # relative loss bound across world size / ZeRO stage / EP degree (see below)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,12 @@ def test_resharded_resume_matches(runs, tmp_path, world, args):
     a = by_step(metrics(ref))
     for s in range(HALF + 1, STEPS + 1):
         assert rows[s]["tokens"] == a[s]["tokens"]  # no sample repeated or skipped
-        assert abs(rows[s]["loss"] - a[s]["loss"]) < 1e-4, f"step {s}: {rows[s]['loss']} vs {a[s]['loss']}"
+        # Another world size, stage or EP degree sums gradients in another order; Muon's
+        # orthogonalisation carries that rounding on. Measured on this project's CPU (2026-11-30):
+        # up to 1.24e-4 absolute, 3.1e-5 relative, by step 12 (the former 1e-4 absolute bound sat
+        # right at that noise). A reshard that loses or misplaces state moves losses by far more.
+        assert abs(rows[s]["loss"] - a[s]["loss"]) <= RESHARD_REL * abs(a[s]["loss"]), \
+            f"step {s}: {rows[s]['loss']} vs {a[s]['loss']}"
 
 
 def test_resume_with_new_lr_keeps_state(runs, tmp_path):
