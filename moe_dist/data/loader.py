@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import DataConfig
-from ..logging_utils import get_logger, warn_once
+from ..logging_utils import get_logger
 from .errors import DataError
 from .packing import split_indices
 from .prepare import ensure_store

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from ..checkpoint.layout import fsync_dir
 from ..config import DataConfig
 from ..logging_utils import get_logger
 from .errors import DataError
@@ -368,7 +369,7 @@ def _prepare(cfg: DataConfig, sources: dict[str, Any], tok: Tokenizer, tok_id: d
         writer.finish({"tokenizer": tok_id, "eos_id": tok.eos_id, "sources": sources,
                        "prepared": {"seconds": round(seconds, 3), "host": socket.gethostname(),
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, root / name)
         except OSError as e:  # another machine sharing store_dir published it first: same inputs, use theirs
@@ -377,7 +378,7 @@ def _prepare(cfg: DataConfig, sources: dict[str, Any], tok: Tokenizer, tok_id: d
             shutil.rmtree(tmp, ignore_errors=True)
             get_logger().info(f"token store {root / name}: another machine published it first; using that one")
             return TokenStore.open(root / name)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,14 +389,6 @@ def _prepare(cfg: DataConfig, sources: dict[str, Any], tok: Tokenizer, tok_id: d
                       f"{store.dtype.name} tokens in {seconds:.1f}s ({store.num_tokens / max(seconds, 1e-9):,.0f} "
                       "tokens/s)")
     return store
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe(sources: dict[str, Any]) -> str:

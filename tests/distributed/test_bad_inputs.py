@@ -19,7 +19,6 @@ step-4 save, runs everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -32,23 +31,11 @@ from moe_dist.checkpoint.manifest import verify_manifest
 
 from ..corrupt import flip_bits
 from .harness import run_ranks
-from .trainrun import CPU_JSON, FAST, TRAIN, train
+from .trainrun import CPU_JSON, FAST, TRAIN, snapshot, train
 
 pytestmark = pytest.mark.distributed
 
 STEP = 2
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of a file, or '-> target' of a link: what 'nothing changed' compares."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def error_line(output: str) -> str:

@@ -11,7 +11,6 @@ its own, so the kill reaches the agent only; the workers must notice and die by 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -27,7 +26,7 @@ from moe_dist.checkpoint.cli import main as ckpt_main
 from moe_dist.run_lock import LOCK_NAME, run_status
 
 from .launcher import Launched, rows_in
-from .trainrun import by_step, metrics, train
+from .trainrun import by_step, metrics, snapshot, train
 
 pytestmark = pytest.mark.distributed
 
@@ -37,18 +36,6 @@ HOLDING = "fault point {}: holding here until killed"
 
 def hang_at(point: str, step: int, rank: int = 0) -> dict[str, str]:
     return {"MOE_DIST_FAULT": f"{point}@{rank}", "MOE_DIST_FAULT_STEP": str(step), "MOE_DIST_FAULT_ACTION": "hang"}
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of a file, or '-> target' of a link."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def assert_one_row_per_step(out: Path, steps: int) -> dict[int, dict]:
@@ -158,7 +145,7 @@ def test_sigterm_to_the_launcher_still_saves_and_exits(tmp_path):
         assert not run.alive_workers()
     finally:
         run.close()
-    stop = re.search(r"stop requested: saving at step (\d+) before exiting", log)
+    stop = re.search(r"preempted: stopped by SIGTERM at step (\d+), saved \S+; continue with --resume auto", log)
     assert stop, log[-4000:]
     step = int(stop.group(1))
     assert "launcher PID" not in log  # the watchdog's line: nobody was orphaned

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,3 +40,15 @@ def losses(out: Path) -> list[float]:
 
 def by_step(rows: Sequence[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of a file, or '-> target' of a link: what 'nothing changed' compares."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
