@@ -28,6 +28,7 @@ def test_without_cuda_it_says_why_in_one_line(tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
+@pytest.mark.slow  # ~90 s of launches; .ci/run runs it with the other slow cases
 def test_cpu_smoke_runs_every_case_and_writes_the_report(tmp_path):
     report = tmp_path / "report.md"
     res = _run("--cpu-smoke", "--out", str(report), "--work", str(tmp_path / "work"), timeout=900)
