@@ -45,14 +45,9 @@ def grad_dump_probe_from_env(rank: int) -> Optional[Callable[[Any, int], None]]:
     def probe(engine: Any, step: int) -> None:
         if step != at:
             return
-        from deepspeed.utils import safe_get_full_grad
         from safetensors.torch import save_file
 
-        grads = {}
-        for name, p in engine.module.named_parameters():
-            g = safe_get_full_grad(p)  # collective over the param's data-parallel group: every rank calls it
-            if g is not None:
-                grads[name] = g.detach().float().clone().contiguous()
+        grads = engine.full_gradients()  # collective: every rank calls it
         os.makedirs(out, exist_ok=True)
         save_file(grads, os.path.join(out, f"grads_rank{rank}.safetensors"))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pickle
 import sys
 import zipfile
@@ -127,13 +126,12 @@ def _stored_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str, tuple[int, ...]],
-                 flat: bool = False) -> None:
+def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str, tuple[int, ...]]) -> None:
     """Raise one CheckpointError naming what differs between the model and the checkpoint."""
     missing = [k for k in entries if k not in found]
     extra = [k for k in found if k not in entries]
     wrong = [f"{k} {list(found[k])} vs model {list(t.shape)}" for k, t in entries.items() if k in found
-             and (math.prod(found[k]) != t.numel() if flat else tuple(found[k]) != tuple(t.shape))]
+             and tuple(found[k]) != tuple(t.shape)]
     problems = [f"{what}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
                 for what, keys in (("missing", missing), ("unexpected", extra), ("shape", wrong)) if keys]
     if problems:
@@ -147,9 +145,9 @@ def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     if info.kind == "dcp":
         ckpt: Checkpoint = info.source
         found = {k[len(MODEL_PREFIX):]: tuple(md.size) for k, md in ckpt.metadata.items() if k.startswith(MODEL_PREFIX)}
-        _check_match(info.path, entries, found, flat=True)
-        # DCP copies the chunks straight into views of the parameters: no second copy of the model.
-        ckpt.load({MODEL_PREFIX + k: t.detach().view(found[k]) for k, t in entries.items()})
+        _check_match(info.path, model.state_dict(keep_vars=True), found)  # every name, a tied head too
+        # DCP copies the chunks straight into the parameters: no second copy of the model.
+        ckpt.load({MODEL_PREFIX + k: t.detach() for k, t in entries.items()})
     elif info.kind == "pt":
         sd = info.source["model_state_dict"]  # every state_dict key, the tied head too
         _check_match(info.path, model.state_dict(keep_vars=True), {k: tuple(t.shape) for k, t in sd.items()})

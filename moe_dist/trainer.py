@@ -2,7 +2,7 @@
 
 Kept free of set-up (``train.py``), parallel plumbing (``parallel/``) and checkpoint formats
 (``checkpoint/``): it asks the sampler for the next global batch, runs forward/backward through
-the DeepSpeed engine, sets the LR, and reports reduced metrics.
+the engine (``parallel/engine.py``), sets the LR, and reports reduced metrics.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = self.state.step
-        lrs = self.schedule.apply(self.engine.optimizer.param_groups, step, all_adamw=self.all_adamw)
+        lrs = self.schedule.apply(self.engine.param_groups, step, all_adamw=self.all_adamw)
         indices = self.sampler.next_global_batch()
         micro = self.sampler.rank_share(indices, self.rt.rank, self.rt.world_size, self.rt.layout.micro_batch_size)
         acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
@@ -102,7 +102,7 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += int(indices.numel()) * self.cfg.train.seq_len
         elapsed = time.perf_counter() - t0
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.grad_norm()
         record = {"step": self.state.step, "loss": stats["loss"], "aux_loss": stats["aux_loss"],
                   "accuracy": stats["accuracy"], "perplexity": stats["perplexity"],
                   "lr": lrs["adamw"] if self.all_adamw else lrs["muon"], "lr_muon": lrs["muon"],
@@ -110,7 +110,7 @@ class Trainer:
                   "tokens_per_s": indices.numel() * self.cfg.train.seq_len / max(elapsed, 1e-9),
                   "step_time_s": elapsed,
                   "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank, Linux KiB
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "grad_norm": grad_norm,
                   "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
         if self.rt.device.type == "cuda":  # what moe-plan's GPU figure estimates (benchmarks/gpu_check.py compares)
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20

@@ -44,7 +44,9 @@ def staged_copy(state_dict: dict[str, Any], group: Any) -> dict[str, Any]:
     the host instead, and the ShardedTensors are rebuilt with ``cpu`` placements."""
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        if isinstance(value, ShardedTensor):
+        if isinstance(value, dict):  # the nested {"model": ..., "optim": {"state": ...}} layout
+            out[key] = staged_copy(value, group)
+        elif isinstance(value, ShardedTensor):
             shards = [Shard(s.tensor.detach().to("cpu", copy=True), _placed_on_host(s.metadata))
                       for s in value.local_shards()]
             out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(

@@ -2,12 +2,12 @@
 
 What a checkpoint holds:
 
-* DCP shards (``*.distcp`` + ``.metadata``): fp32 master weights and optimizer states as the ZeRO
-  fragments each rank owns, with their global offsets (``zero_state``), so DCP reshards them into
-  any world size / ZeRO stage / EP degree; experts are keyed by their global index; each rank's
-  RNG state under its own key.
-* ``train_state.json``: step, tokens, the global data cursor, LR schedule, config, tokenizer,
-  metrics, topology. Plain JSON: nothing in it is ever unpickled.
+* DCP shards (``*.distcp`` + ``.metadata``): fp32 master weights and optimizer states in the model's
+  own shapes, as the boxes each rank owns (``dcp_state``), so DCP reshards them into any world
+  size / ZeRO stage / EP degree; experts are keyed by their global index. No RNG state: every
+  micro-batch reseeds from (seed, step, micro-batch), see ``trainer.micro_seed``.
+* ``train_state.json``: format version, step, tokens, the global data cursor, LR schedule, config,
+  tokenizer, metrics, topology. Plain JSON: nothing in it is ever unpickled.
 * ``manifest.json``: sizes and SHA-256 of every file, written last (see ``manifest``).
 
 Saving is atomic (``layout``): shards go to a temp folder that is renamed into place only when
@@ -32,15 +32,15 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..data.loader import check_same_data
-from ..logging_utils import get_logger, warn_once
+from ..logging_utils import get_logger
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
 from .manifest import config_hash, own_shard_entries, write_manifest
-from .reader import CheckpointReader, read_train_state
+from .reader import FORMAT_VERSION, CheckpointReader, read_train_state
 from .resume import choose_resume
-from .zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
+from .dcp_state import EngineCheckpoint, read_saved_keys
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
@@ -134,9 +134,6 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=self.pg)
         return box[0]
 
-    def _key_fn(self, name: str) -> str:
-        return name
-
     def stop_requested(self, local_flag: bool) -> bool:
         """A signal reaches some ranks only: agree on stopping so every rank saves together."""
         if self.ctrl_pg is None:
@@ -149,7 +146,7 @@ class CheckpointManager:
         tr = self.trainer
         hist = tr.metrics.history
         return {
-            "step": tr.state.step, "tokens": tr.state.tokens, "trainer": tr.state.state_dict(),
+            "format_version": FORMAT_VERSION, "step": tr.state.step, "tokens": tr.state.tokens, "trainer": tr.state.state_dict(),
             "sampler": tr.sampler.state_dict(), "lr_schedule": tr.schedule.state_dict(),
             "config": self.cfg.to_dict(), "tokenizer": self.tokenizer_spec, "data": tr.data.fingerprint,
             "metrics": {"last": hist[-1] if hist else None, "history": hist[-200:]},
@@ -159,9 +156,7 @@ class CheckpointManager:
         }
 
     def state_dict_for_save(self) -> dict[str, Any]:
-        sd = zero_state_dict(self.engine, self._key_fn)
-        sd[f"rng.rank{self.rt.rank}.torch"] = torch.get_rng_state()
-        return sd
+        return EngineCheckpoint(self.engine, self.pg).for_save()
 
     # ------------------------------------------------------------------ save
     def save(self) -> Path:
@@ -325,23 +320,15 @@ class CheckpointManager:
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
         reader = CheckpointReader(path)
-        template = zero_load_template(self.engine, self._key_fn, checkpoint_path=str(path), reader=reader)
-        topo = saved["topology"]
-        same_topology = topo["world_size"] == self.rt.world_size
-        rng_key = f"rng.rank{self.rt.rank}.torch"
-        if same_topology:
-            template[rng_key] = torch.get_rng_state()
+        states = EngineCheckpoint(self.engine, self.pg, saved=read_saved_keys(str(path), reader)).for_load()
         try:
-            dcp.load(template, storage_reader=reader, process_group=self.pg)
+            dcp.load(states, storage_reader=reader, process_group=self.pg)
+        except CheckpointError:
+            raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
             raise CheckpointError(f"{path}: cannot load the shards ({_reason(e)}); check it with "
                                   f"`moe-ckpt verify {path}` or resume from another checkpoint") from None
-        load_zero_state_dict(self.engine, template)
-        if same_topology:
-            torch.set_rng_state(template[rng_key])
-        else:
-            warn_once(f"resuming a world-{topo['world_size']} checkpoint on world {self.rt.world_size}: RNG streams "
-                      "are derived from (seed, step, rank) instead of restored")
+        topo = saved["topology"]
         self.trainer.state.load_state_dict(saved["trainer"])
         self.trainer.sampler.load_state_dict(saved["sampler"])
         self.trainer.metrics.history[:] = [r for r in saved["metrics"]["history"] if r["step"] <= saved["step"]]

@@ -31,26 +31,47 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from ..config import ConfigError, ModelConfig, RunConfig
 from . import layout
 from .errors import CheckpointError
+from .fragment import box_start
 from .manifest import verify_manifest
 
 MODEL_PREFIX = "model."  # DCP keys of the model's parameters (optimizer states are "optim.*")
+# The layout of the DCP shards, recorded in train_state.json. 2: every tensor in the model's own
+# shape, optimizer states under torch's ``optim.state.<name>.<state>`` names (1 stored flat vectors).
+FORMAT_VERSION = 2
 DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
 Advance = Callable[[int], None]  # called with the bytes just read
 
 
 def chunks_tile(meta: TensorStorageMetadata) -> tuple[bool, str]:
-    """Chunks of a flattened (1-D) tensor must tile [0, numel) with no gap or overlap."""
-    numel = math.prod(meta.size)
-    spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in meta.chunks if len(c.sizes) == 1)
-    if len(spans) != len(meta.chunks):
-        total = sum(math.prod(c.sizes) for c in meta.chunks)
-        return total == numel, f"{total} of {numel} elements"
+    """The saved chunks of a tensor must cover it exactly once: no gap, no overlap.
+
+    Chunks that are contiguous runs of the row-major tensor (all ours, and FSDP2's row shards) are
+    checked as flat intervals; any other layout by volume and pairwise disjointness."""
+    shape = tuple(meta.size)
+    numel = math.prod(shape)
+    try:
+        spans = sorted((box_start(shape, tuple(c.offsets), tuple(c.sizes)),
+                        box_start(shape, tuple(c.offsets), tuple(c.sizes)) + math.prod(c.sizes)) for c in meta.chunks)
+    except ValueError:
+        return _boxes_tile(meta, numel)
     pos = 0
     for start, end in spans:
         if start != pos:
             return False, f"{'gap' if start > pos else 'overlap'} at element {min(start, pos)}"
         pos = end
     return pos == numel, f"covers {pos} of {numel} elements"
+
+
+def _boxes_tile(meta: TensorStorageMetadata, numel: int) -> tuple[bool, str]:
+    chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks]
+    total = sum(math.prod(s) for _, s in chunks)
+    if total != numel:
+        return False, f"chunks hold {total} of {numel} elements"
+    for i, (oa, sa) in enumerate(chunks):
+        for ob, sb in chunks[i + 1:]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb)):
+                return False, f"chunks at {list(oa)} and {list(ob)} overlap"
+    return True, ""
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -164,6 +185,11 @@ def read_train_state(folder: Path) -> dict[str, Any]:
         int(state["step"]), state["config"]["model"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable train state ({e.__class__.__name__}: {e})") from None
+    found = state.get("format_version")
+    if found != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version is {found!r}, this moe_dist reads checkpoints of format "
+                              f"{FORMAT_VERSION} only (tensors in the model's own shapes); load it with the "
+                              "moe_dist version that wrote it and export it with moe-consolidate")
     return state
 
 
@@ -191,8 +217,9 @@ class Checkpoint:
 
     def _check_keys(self) -> None:
         want = {s.source: s for s in self.layout.stored}
+        aliases = {MODEL_PREFIX + s.name for s in self.layout.specs if s.alias_of is not None}  # a tied head, saved twice
         missing = [k for k in want if k not in self.metadata]
-        extra = sorted(k for k in self.metadata if k.startswith(MODEL_PREFIX) and k not in want)
+        extra = sorted(k for k in self.metadata if k.startswith(MODEL_PREFIX) and k not in want and k not in aliases)
         for what, keys in (("lacks", missing), ("has unexpected", extra)):
             if keys:
                 raise CheckpointError(f"{self.folder}: checkpoint {what} model tensors for its stored config: "
@@ -202,9 +229,9 @@ class Checkpoint:
             md = self.metadata[key]
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{self.folder}: {key} is not a tensor in the DCP metadata")
-            if math.prod(md.size) != spec.numel:
-                raise CheckpointError(f"{self.folder}: {key} has {math.prod(md.size)} elements, the model's "
-                                      f"{spec.name} {list(spec.shape)} needs {spec.numel}")
+            if tuple(md.size) != spec.shape:
+                raise CheckpointError(f"{self.folder}: {key} has shape {list(md.size)}, the model's "
+                                      f"{spec.name} is {list(spec.shape)}")
             ok, why = chunks_tile(md)
             if not ok:
                 raise CheckpointError(f"{self.folder}: {key} is not covered exactly once by its chunks ({why})")
@@ -240,7 +267,7 @@ class Checkpoint:
                              device="cpu")
         for batch in batches:
             dests = {s.source: buf_U8[o:o + n].view(self.stored_dtype(s)).view(self.metadata[s.source].size)
-                     for s, o, n in batch}  # shaped as stored (flat [numel] from the trainer)
+                     for s, o, n in batch}
             self.load(dests)
             for s, _, n in batch:
                 if progress:

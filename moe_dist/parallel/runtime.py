@@ -103,7 +103,8 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
 
 
 def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
-    """Hand the model to DeepSpeed through Accelerate; returns the DeepSpeedEngine."""
+    """Hand the model to DeepSpeed through Accelerate; returns the engine behind the seam
+    (:class:`~moe_dist.parallel.engine.Engine`)."""
     from accelerate.utils import DummyOptim
 
     tag_parameters(model)
@@ -115,6 +116,9 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     if not isinstance(engine, DeepSpeedEngine):
         raise RuntimeError(f"Accelerate prepared a {type(engine).__name__}, not a DeepSpeedEngine: the launch config "
                            "must use distributed_type: DEEPSPEED (and not use_cpu: true)")
+    from .deepspeed.engine import DeepSpeedTrainEngine
+
+    engine = DeepSpeedTrainEngine(engine)
     get_logger().info(f"DeepSpeed ZeRO-{rt.zero_stage}, optimizer {rt.optimizer_kind}, world {rt.world_size}, "
                       f"micro {rt.layout.micro_batch_size} x accum {rt.layout.grad_accum} x dp "
                       f"{rt.layout.data_parallel_size} = global {rt.layout.global_batch_size}")

@@ -97,7 +97,7 @@ def test_expert_params_held_by_one_rank_each(tmp_path):
     md = FileSystemReader(saved[0]).read_metadata().state_dict_metadata
     for e in (0, 1):
         chunks = md[f"model.experts.{e}.weight"].chunks
-        assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([0], [121])]  # one rank, whole
+        assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([0, 0], [11, 11])]  # one rank, whole
     out = load(tmp_path, 1, saved, "--stage", "1", "--optimizer", "muon", name="w1")
     assert out["compared"] == 22
 
@@ -117,43 +117,44 @@ def test_checkpoint_saved_before_any_step_loads_weights_only(tmp_path):
 
 def test_missing_model_key_names_key_and_path(muon_zero2_world2):
     from moe_dist.checkpoint.errors import CheckpointError
-    from moe_dist.checkpoint.zero_state import read_saved_keys
+    from moe_dist.checkpoint.dcp_state import read_saved_keys
 
     _, (ckpt, _) = muon_zero2_world2
     keys = read_saved_keys(ckpt)
-    assert keys.has_optimizer_states and "optim.momentum_buffer.hid.weight" in keys
-    keys.require_model("hid.weight", 143)
+    assert keys.has_optimizer_states and "optim.state.hid.weight.momentum_buffer" in keys
+    keys.require_model("hid.weight", (11, 13))
     with pytest.raises(CheckpointError, match=r"no weights for parameter 'extra\.weight' \(key 'model\.extra\."):
-        keys.require_model("extra.weight", 4)
-    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: 'model.hid.weight' has shape (143,)")):
-        keys.require_model("hid.weight", 144)
+        keys.require_model("extra.weight", (4,))
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: 'model.hid.weight' has shape (11, 13) in the "
+                                                        "checkpoint but the parameter has shape (13, 11)")):
+        keys.require_model("hid.weight", (13, 11))
     with pytest.raises(CheckpointError, match="cannot read the DCP metadata"):
         read_saved_keys(str(Path(ckpt).parent / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- layout checks, no processes
 def _spans(*parts):
-    from moe_dist.checkpoint.zero_state import _Span
+    from moe_dist.checkpoint.dcp_state import _Span
 
-    return [_Span(key, off, n, numel, "float32", "cpu") for key, off, n, numel in parts]
+    return [_Span(key, off, n, (numel,), "float32", "cpu") for key, off, n, numel in parts]
 
 
 def test_layout_accepts_fragments_that_tile_the_parameter():
-    from moe_dist.checkpoint.zero_state import _gather_layout
+    from moe_dist.checkpoint.dcp_state import _gather_layout
 
     layout = _gather_layout(_spans(("model.w", 5, 8, 13), ("model.w", 0, 5, 13), ("model.b", 0, 3, 3)), None, None)
     assert [sp.offset for _, sp in layout["model.w"]] == [0, 5]
 
 
 @pytest.mark.parametrize("parts, message", [
-    ([("model.w", 0, 8, 13), ("model.w", 5, 8, 13)], r"fragment \[5, 13\) overlaps element 8.*globally unique"),
+    ([("model.w", 0, 8, 13), ("model.w", 5, 8, 13)], r"fragment \[5, 13\) overlaps element 8.*global index"),
     ([("model.w", 0, 5, 13), ("model.w", 6, 7, 13)], r"fragment \[6, 13\) leaves a gap before element 5"),
     ([("model.w", 0, 5, 13)], r"model.w: fragments cover 5 of 13 elements"),
-    ([("model.w", 0, 5, 13), ("model.w", 5, 8, 14)], r"ranks disagree on the parameter size \(\[13, 14\] elements\)"),
+    ([("model.w", 0, 5, 13), ("model.w", 5, 8, 14)], r"ranks disagree on the parameter's shape \(\[\(13,\), \(14,\)\]\)"),
 ], ids=["overlap", "gap", "short", "size"])
 def test_layout_rejects_inconsistent_fragments(parts, message):
     from moe_dist.checkpoint.errors import CheckpointError
-    from moe_dist.checkpoint.zero_state import _gather_layout
+    from moe_dist.checkpoint.dcp_state import _gather_layout
 
     with pytest.raises(CheckpointError, match=message):
         _gather_layout(_spans(*parts), None, None)
@@ -161,7 +162,7 @@ def test_layout_rejects_inconsistent_fragments(parts, message):
 
 def test_one_rank_failure_is_raised_with_its_rank():
     from moe_dist.checkpoint.errors import CheckpointError
-    from moe_dist.checkpoint.zero_state import _gather_layout
+    from moe_dist.checkpoint.dcp_state import _gather_layout
 
     with pytest.raises(CheckpointError, match=r"rank 0: KeyError: 'exp_avg'"):
         _gather_layout([], None, KeyError("exp_avg"))

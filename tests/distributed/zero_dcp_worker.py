@@ -1,14 +1,13 @@
 """One rank of a ZeRO <-> DCP round trip, launched by ``test_zero_dcp.py`` through ``harness``.
 
 ``save``: build a DeepSpeed engine on a toy model, train ``--steps`` steps, write the checkpoint
-with ``zero_state_dict`` and, on rank 0, ``--ref``: every full fp32 master / optimizer state /
+through ``EngineCheckpoint`` and, on rank 0, ``--ref``: every full fp32 master / optimizer state /
 scalar gathered through DeepSpeed's own APIs (not through the code under test), plus the losses
 of two more steps (the first one's update uses the optimizer states, so the second loss only
 matches after a resume if the states round-tripped). It also checks that the files hold exactly
 the gathered values (``format_utils.dcp_to_torch_save``).
 ``load``: build an engine with another world size / stage / offload, load through
-``zero_load_template`` + ``dcp.load`` + ``load_zero_state_dict``, and compare bitwise with the
-reference; then run the same two steps and compare the losses.
+``EngineCheckpoint(...).for_load()`` + ``dcp.load``, and compare bitwise with the reference; then run the same two steps and compare the losses.
 
 The global batch (12 rows) is split evenly over the ranks, so every world size sees the same
 global mean loss and gradient (up to reduction order).
@@ -104,6 +103,29 @@ def build_engine(args: argparse.Namespace) -> Any:
     return engine
 
 
+def seam(engine: Any) -> Any:
+    """The DeepSpeed engine behind the engine seam, as the checkpoint sees it."""
+    from moe_dist.parallel.deepspeed.engine import DeepSpeedTrainEngine
+
+    return DeepSpeedTrainEngine(engine)
+
+
+class Renamed:
+    """An engine whose checkpoint runs carry other names (to provoke the checkpoint's errors)."""
+
+    def __init__(self, engine: Any, rename: Any) -> None:
+        self.inner, self.rename = seam(engine), rename
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def checkpoint_fragments(self) -> list:
+        frags = self.inner.checkpoint_fragments()
+        for f in frags:
+            f.name = self.rename(f.name)
+        return frags
+
+
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of global batch ``step`` (identical global data for every world size)."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -186,15 +208,17 @@ def full_values(engine: Any) -> dict[str, Any]:
         opt._lazy_init_hp_params_optimizer_state()
     mine: dict[str, Any] = {}
     for name, p in engine.module.named_parameters():
-        mine[f"model.{name}"] = safe_get_full_fp32_param(p).detach().reshape(-1).clone().cpu()
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        mine[f"model.{name}"] = safe_get_full_fp32_param(p).detach().reshape(shape).clone().cpu()
         state, flat = _group_state(engine, p)
         for key, v in sorted(state.items()):
             if key == "momentum_buffer" and _whole_muon(engine, p):
-                mine[f"optim.{key}.{name}"] = _muon_momentum_full(engine, p)
+                mine[f"optim.state.{name}.{key}"] = _muon_momentum_full(engine, p).reshape(shape)
             elif torch.is_tensor(v) and v.shape == flat.shape:
-                mine[f"optim.{key}.{name}"] = safe_get_full_optimizer_state(p, key).detach().reshape(-1).clone().cpu()
+                mine[f"optim.state.{name}.{key}"] = (safe_get_full_optimizer_state(p, key).detach().reshape(shape)
+                                                     .clone().cpu())
             elif not torch.is_tensor(v) or v.dim() == 0:
-                mine[f"optim_scalar.{key}.{name}"] = float(v)
+                mine[f"optim.state.{name}.{key}"] = float(v)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     merged: dict[str, Any] = {}
@@ -210,21 +234,21 @@ def model_weights_match_masters(engine: Any, values: dict[str, Any]) -> None:
     for name, p in engine.module.named_parameters():
         if hasattr(p, "ds_id"):
             with deepspeed.zero.GatheredParameters([p]):
-                w = p.data.detach().reshape(-1).clone()
+                w = p.data.detach().clone()
         else:
-            w = p.data.detach().reshape(-1).clone()
+            w = p.data.detach().clone()
         assert torch.equal(w.cpu(), values[f"model.{name}"]), f"model weight {name} != its fp32 master after load"
 
 
 # ----------------------------------------------------------------------------- modes
 def save_with_reference(engine: Any, ckpt: str, ref: str, done: int) -> dict[str, Any]:
-    """Save through ``zero_state_dict``; rank 0 writes the reference (values + the next two losses)."""
+    """Save through ``EngineCheckpoint``; rank 0 writes the reference (values + the next two losses)."""
     import torch.distributed.checkpoint as dcp
 
-    from moe_dist.checkpoint.zero_state import zero_state_dict
+    from moe_dist.checkpoint.dcp_state import EngineCheckpoint
 
     t0 = time.perf_counter()
-    dcp.save(zero_state_dict(engine), checkpoint_id=ckpt)
+    dcp.save(EngineCheckpoint(seam(engine)).for_save(), checkpoint_id=ckpt)
     save_s = time.perf_counter() - t0
     values = full_values(engine)
     if dist.get_rank() == 0:
@@ -236,14 +260,20 @@ def save_with_reference(engine: Any, ckpt: str, ref: str, done: int) -> dict[str
 
 
 def check_files_hold(ckpt: str, values: dict[str, Any], scratch: str) -> None:
-    """The DCP files, assembled into full tensors offline, hold exactly the engine's values."""
+    """The DCP files, assembled into full tensors offline, hold exactly the engine's values, in the
+    parameters' own shapes and in the nesting of ``get_state_dict`` (``{"model": .., "optim": {"state": ..}}``)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(ckpt, scratch)
-    on_disk = torch.load(scratch, weights_only=True)
+    nested = torch.load(scratch, weights_only=True)
+    assert set(nested) <= {"model", "optim"}, f"top-level keys {sorted(nested)}"
+    on_disk = {f"model.{k}": v for k, v in nested["model"].items()}
+    for name, states in nested.get("optim", {}).get("state", {}).items():
+        on_disk.update({f"optim.state.{name}.{s}": v for s, v in states.items()})
     assert set(values) == set(on_disk), f"saved keys differ from the engine's: {sorted(set(values) ^ set(on_disk))}"
     for k, v in values.items():
         if torch.is_tensor(v):
+            assert on_disk[k].shape == v.shape, f"{k}: saved as {tuple(on_disk[k].shape)}, the parameter is {tuple(v.shape)}"
             assert torch.equal(on_disk[k], v), f"{k}: the DCP files differ from the engine's state"
         else:
             assert float(on_disk[k]) == v, f"{k}: saved {float(on_disk[k])}, engine {v}"
@@ -267,28 +297,28 @@ def do_save(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     if args.check_errors:
         import re
 
-        from moe_dist.checkpoint.zero_state import zero_state_dict
+        from moe_dist.checkpoint.dcp_state import EngineCheckpoint
 
-        # Under EP, a key_fn that drops the global expert index makes two ranks claim one key.
-        expect_error(lambda: zero_state_dict(engine, lambda n: re.sub(r"experts\.\d+", "experts.X", n)),
-                     "model.experts.X.weight", "overlaps", "globally unique")
+        # Under EP, names that drop the global expert index make two ranks claim one key.
+        renamed = Renamed(engine, lambda n: re.sub(r"experts\.\d+", "experts.X", n))
+        expect_error(lambda: EngineCheckpoint(renamed).for_save(), "model.experts.X.weight", "overlaps",
+                     "global index")
     return {"losses": losses, **save_with_reference(engine, args.ckpt, args.ref, args.steps)}
 
 
 def do_load(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    from moe_dist.checkpoint.zero_fragments import has_optimizer_states
-    from moe_dist.checkpoint.zero_state import load_zero_state_dict, zero_load_template
+    from moe_dist.checkpoint.dcp_state import EngineCheckpoint, read_saved_keys
+    from moe_dist.parallel.deepspeed.fragments import has_optimizer_states
 
     if args.check_errors:
         # A model key the checkpoint lacks is named with the path, on every rank.
-        expect_error(lambda: zero_load_template(engine, lambda n: "renamed." + n, checkpoint_path=args.ckpt),
-                     "'model.renamed.", args.ckpt)
+        renamed = Renamed(engine, lambda n: "renamed." + n)
+        expect_error(lambda: EngineCheckpoint(renamed, saved=read_saved_keys(args.ckpt)).for_load()["model"]
+                     .state_dict(), "'model.renamed.", args.ckpt)
     t0 = time.perf_counter()
-    template = zero_load_template(engine, checkpoint_path=args.ckpt)
-    dcp.load(template, checkpoint_id=args.ckpt)
-    load_zero_state_dict(engine, template)
+    dcp.load(EngineCheckpoint(seam(engine), saved=read_saved_keys(args.ckpt)).for_load(), checkpoint_id=args.ckpt)
     load_s = time.perf_counter() - t0
     values = full_values(engine)
     model_weights_match_masters(engine, values)
@@ -321,7 +351,7 @@ def do_load(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
 
 def do_materialize_check(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     """A materialised-then-trained engine follows the lazily initialised one bitwise."""
-    from moe_dist.checkpoint.zero_fragments import has_optimizer_states, materialize_optimizer_states
+    from moe_dist.parallel.deepspeed.fragments import has_optimizer_states, materialize_optimizer_states
 
     twin = build_engine(args)
     before = full_values(twin)

@@ -1,8 +1,8 @@
 """Where this rank's share of every parameter lives inside a DeepSpeed ZeRO optimizer.
 
-The checkpoint speaks one language: parameter ``name``, flattened to ``[numel]``, of which this
-rank owns the elements ``[offset, offset + n)``. This module translates DeepSpeed's internal
-layouts into that language and back, and is the only place that touches DeepSpeed internals.
+The checkpoint speaks one language (:class:`~moe_dist.checkpoint.fragment.Fragment`): parameter
+``name`` of shape S, flattened, of which this rank owns the elements ``[offset, offset + n)``. This
+module translates DeepSpeed's internal optimizer layouts into that language and back.
 
 ZeRO-1/2 (``DeepSpeedZeroOptimizer``): each param group is flattened (with alignment padding
 between params), cut into dp-size equal partitions, and partition ``r`` is cloned into the fp32
@@ -22,48 +22,13 @@ Legend: n fragment elements on this rank, P flat master partition length, N nume
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
+from ...checkpoint.fragment import Fragment, is_scalar
+
 MUON_MOMENTUM = "momentum_buffer"
-
-
-@dataclass
-class Fragment:
-    """This rank's elements ``[offset, offset + n)`` of one flattened parameter, as live views.
-
-    ``states`` cover the same span as ``master``. ``whole_states`` hold a state this rank keeps
-    for the *whole* parameter although it owns only a fragment: DeepSpeed's ZeRO-1/2 Muon (without
-    optimizer offload) keeps ``momentum_buffer`` as the concatenation of the full flattened
-    params of ``params_in_partition`` (Newton-Schulz needs the whole matrix), so a param that
-    straddles two partitions has a full (identical) momentum on both ranks. It is saved as the
-    owned span only and loaded whole.
-    """
-
-    name: str
-    numel: int                     # N
-    offset: int                    # first owned element inside the flattened param
-    master: torch.Tensor           # [n] fp32 master weights
-    states: dict[str, torch.Tensor] = field(default_factory=dict)        # key -> [n]
-    whole_states: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> [N]
-    owner: dict = field(default_factory=dict)  # optimizer.state[flat master]: where scalars ("step") live
-
-    @property
-    def n(self) -> int:
-        return self.master.numel()
-
-    def scalars(self) -> dict[str, Any]:
-        """Non-tensor or 0-dim states of the flat group this fragment belongs to (Adam's ``step``)."""
-        return {k: v for k, v in self.owner.items() if _is_scalar(v)}
-
-
-def _is_scalar(v: Any) -> bool:
-    """A Python number (not a bool) or a 0-dim tensor: torch's Adam keeps ``step`` as the latter."""
-    if torch.is_tensor(v):
-        return v.dim() == 0
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def zero_stage(engine: Any) -> int:
@@ -81,9 +46,14 @@ def zero_stage(engine: Any) -> int:
                     f"{type(opt).__name__}; set zero_optimization.stage to 1, 2 or 3")
 
 
-def trainable_names(engine: Any) -> dict[int, str]:
-    """id(param) -> name for every trainable parameter of ``engine.module`` (tied params once)."""
-    return {id(p): name for name, p in engine.module.named_parameters() if p.requires_grad}
+def trainable_names(engine: Any) -> dict[int, tuple[str, ...]]:
+    """id(param) -> (name, other names) for every trainable parameter of ``engine.module``; a tied
+    weight has one entry: its first name, then its aliases (a tied output head)."""
+    names: dict[int, tuple[str, ...]] = {}
+    for name, p in engine.module.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names[id(p)] = names.get(id(p), ()) + (name,)
+    return names
 
 
 def master_flats(engine: Any) -> list[torch.Tensor]:
@@ -129,8 +99,10 @@ def _fragments_zero12(engine: Any, names: dict[int, str]) -> Iterator[Fragment]:
                 continue  # no element of p in this rank's partition
             lp, hp = hm.lp_fragment_address, hm.hp_fragment_address
             # lp.start: offset inside flattened p; hp.start: offset inside the flat master [P]
-            frag = Fragment(names[id(p)], p.numel(), lp.start, flat.narrow(0, hp.start, hp.numel), owner=state,
-                            states={k: v.narrow(0, hp.start, hp.numel) for k, v in shaped.items()})
+            name, *aliases = names[id(p)]
+            frag = Fragment(name, tuple(p.shape), lp.start, flat.narrow(0, hp.start, hp.numel), owner=state,
+                            states={k: v.narrow(0, hp.start, hp.numel) for k, v in shaped.items()},
+                            aliases=tuple(aliases))
             if id(p) in slots:
                 frag.whole_states[MUON_MOMENTUM] = slots[id(p)].detach()
             yield frag
@@ -150,8 +122,9 @@ def _fragments_zero3(engine: Any, names: dict[int, str]) -> Iterator[Fragment]:
             n = max(0, min(part, p.ds_numel - offset))               # the last ranks' parts are padding
             if n == 0:
                 continue
-            yield Fragment(names[id(p)], p.ds_numel, offset, flat.narrow(0, start, n), owner=state,
-                           states={k: v.narrow(0, start, n) for k, v in shaped.items()})
+            name, *aliases = names[id(p)]
+            yield Fragment(name, tuple(p.ds_shape), offset, flat.narrow(0, start, n), owner=state,
+                           states={k: v.narrow(0, start, n) for k, v in shaped.items()}, aliases=tuple(aliases))
 
 
 def local_fragments(engine: Any) -> list[Fragment]:
@@ -216,7 +189,7 @@ def materialize_optimizer_states(engine: Any) -> bool:
             for k, v in list(st.items()):
                 if torch.is_tensor(v):
                     v.zero_()                 # moments and tensor ``step`` alike
-                elif _is_scalar(v):
+                elif is_scalar(v):
                     st[k] = type(v)(0)        # an int/float ``step`` keeps its type
     created |= _create_muon_momentum(engine, stage, flats)
     if stage in (1, 2):
