@@ -182,18 +182,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, device: str | torch.devi
 
 
 def _build(info: CheckpointInfo, device: str | torch.device) -> tuple[nn.Module, RunConfig]:
-    from .model import MoETransformer
+    from . import model as lm
 
     cfg = run_config(info.config, info.path)
-    with torch.device(device):
-        model = MoETransformer(cfg.model)
+    model = lm.build(cfg.model, device)
     _load_weights(info, model)
     return model.eval(), cfg
 
 
 def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu",
                              verify: bool = True) -> tuple[nn.Module, RunConfig, int]:
-    """Build ``MoETransformer`` from the checkpoint's stored config on ``device``, load its weights,
+    """Build the model from the checkpoint's stored config on ``device``, load its weights,
     eval mode. Returns ``(model, RunConfig, step)``."""
     info = checkpoint_info(path, verify=verify)
     model, cfg = _build(info, device)

@@ -113,9 +113,10 @@ def human_bytes(n: float) -> str:
 
 def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
     """(architecture, parameter counts) of a ModelConfig, one line each."""
-    from ..model import count_parameters
+    from ..param_counts import count_params
 
-    total, active = count_parameters(mc)
+    pc = count_params(mc)
+    total, active = pc.total, pc.active
     experts = f"{mc.num_experts} experts top-{mc.top_k} ({mc.expert_type}{' + shared' if mc.shared_expert else ''})"
     return (f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads ({mc.kv_heads} kv), {experts}, "
             f"d_ff {mc.d_ff}, vocab {mc.vocab_size}, max_seq_len {mc.max_seq_len}",

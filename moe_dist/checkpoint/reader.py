@@ -127,11 +127,10 @@ class ModelLayout:
 
 
 def model_layout(cfg: ModelConfig) -> ModelLayout:
-    """Names and shapes of ``MoETransformer(cfg).state_dict()``, from a meta-device model (no memory)."""
-    from ..model import MoETransformer
+    """Names and shapes of the model's ``state_dict()``, from a meta-device model (no memory)."""
+    from .. import model as lm
 
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
+    model = lm.build(cfg, device="meta")
     param_name = {id(p): n for n, p in model.named_parameters()}  # deduplicated: a tied weight once
     sd = model.state_dict(keep_vars=True)
     first: dict[int, str] = {}
