@@ -121,11 +121,11 @@ def test_init_from_weights_on_another_layout(tmp_path):
 
     from moe_dist.cli import parse
     from moe_dist.inference import load_model_for_inference
-    from moe_dist.model import MoETransformer
+    from moe_dist import model as lm
 
     _, cfg = parse([*FAST, "--output-dir", str(tmp_path / "unused")])
     torch.manual_seed(99)
-    src = MoETransformer(cfg.model)
+    src = lm.build(cfg.model)
     pt = tmp_path / "weights.pt"
     torch.save({"model_state_dict": src.state_dict(), "config": cfg.to_dict(), "step": 500}, pt)
     out = tmp_path / "ft"
@@ -135,7 +135,7 @@ def test_init_from_weights_on_another_layout(tmp_path):
     model, _, step = load_model_for_inference(out / "checkpoints" / "checkpoint_latest")
     assert step == 1
     torch.manual_seed(cfg.train.seed)
-    fresh = MoETransformer(cfg.model)  # what the run would hold without --init-from
+    fresh = lm.build(cfg.model)  # what the run would hold without --init-from
     for name, w in model.state_dict().items():
         assert (w - src.state_dict()[name]).abs().max() < 1e-6, name
     assert any(not torch.equal(w, fresh.state_dict()[k]) for k, w in src.state_dict().items())

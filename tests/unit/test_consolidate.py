@@ -24,7 +24,7 @@ from moe_dist.config import ModelConfig, RunConfig, TrainConfig
 from moe_dist.checkpoint.reader import Checkpoint, CheckpointReader
 from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_output
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
-from moe_dist.model import MoETransformer
+from moe_dist import model as lm
 
 from ..corrupt import flip_bits
 
@@ -37,7 +37,7 @@ def make_checkpoint(root: Path, model_kw: dict, step: int = 7, seed: int = 0, ch
     stores every tensor as a ShardedTensor of uneven chunks (what many ZeRO ranks produce)."""
     torch.manual_seed(seed)
     cfg = RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(seq_len=model_kw["max_seq_len"]))
-    model = MoETransformer(cfg.model)
+    model = lm.build(cfg.model)
     folder = root / "checkpoints" / layout.step_dir_name(step)
     folder.mkdir(parents=True)
     flat = {"model." + k: p.detach().flatten().float() for k, p in model.named_parameters()}
@@ -184,11 +184,11 @@ def test_logits_equal_from_every_format(ckpt, tmp_path, capsys):
         got, _ = m(tokens, return_aux_loss=False)
         assert torch.equal(got, ref), src
         assert m.lm_head.weight is m.get_parameter(_emb(model))
-    fresh = MoETransformer(model.cfg)
+    fresh = lm.build(model.cfg)
     step, config, metrics = load_checkpoint(folder, fresh)
     assert (step, config["model"]["d_model"], metrics["last"]["loss"]) == (7, 32, 2.5)
     assert torch.equal(fresh.eval()(tokens, return_aux_loss=False)[0], ref)
-    other = MoETransformer(ModelConfig(**{**TINY, "num_experts": 2, "top_k": 1}))
+    other = lm.build(ModelConfig(**{**TINY, "num_experts": 2, "top_k": 1}))
     with pytest.raises(CheckpointError, match="does not match the checkpoint .*unexpected: layers.0.ffn.experts.2"):
         load_checkpoint(folder, other)
 
@@ -287,7 +287,7 @@ def test_pickled_code_is_never_run(ckpt, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="refused: it pickles objects other than tensors"):
         load_model_for_inference(evil_pt)
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(evil_pt, MoETransformer(ModelConfig(**TINY)))
+        load_checkpoint(evil_pt, lm.build(ModelConfig(**TINY)))
     assert generate_main([str(evil_pt), "--max-new-tokens", "2"]) == 2
     assert "refused" in capsys.readouterr().err
     # DCP's own .metadata is a pickle too: it goes through an allow-list unpickler.
