@@ -39,7 +39,8 @@ from torch import nn
 from .checkpoint import layout
 from .checkpoint.errors import CheckpointError
 from .config import RunConfig
-from .checkpoint.reader import MODEL_PREFIX, Checkpoint, run_config
+from .checkpoint.keys import model_key, param_name
+from .checkpoint.reader import Checkpoint, run_config
 from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
 
 
@@ -146,10 +147,10 @@ def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     entries = _stored_entries(model)
     if info.kind == "dcp":
         ckpt: Checkpoint = info.source
-        found = {k[len(MODEL_PREFIX):]: tuple(md.size) for k, md in ckpt.metadata.items() if k.startswith(MODEL_PREFIX)}
+        found = {param_name(k): tuple(md.size) for k, md in ckpt.metadata.items() if param_name(k) is not None}
         _check_match(info.path, entries, found, flat=True)
         # DCP copies the chunks straight into views of the parameters: no second copy of the model.
-        ckpt.load({MODEL_PREFIX + k: t.detach().view(found[k]) for k, t in entries.items()})
+        ckpt.load({model_key(k): t.detach().view(found[k]) for k, t in entries.items()})
     elif info.kind == "pt":
         sd = info.source["model_state_dict"]  # every state_dict key, the tied head too
         _check_match(info.path, model.state_dict(keep_vars=True), {k: tuple(t.shape) for k, t in sd.items()})

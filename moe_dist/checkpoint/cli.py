@@ -128,7 +128,7 @@ def run_folder_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
 
 
-def checkpoint_info(folder: Path) -> dict[str, Any]:
+def info_report(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
     from ..run_lock import run_status
 
@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "info":
-            _print_info(checkpoint_info(folder))
+            _print_info(info_report(folder))
         else:
             from rich.console import Console
 

@@ -51,11 +51,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")

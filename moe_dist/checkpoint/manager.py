@@ -31,7 +31,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..data.loader import check_same_data
 from ..logging_utils import get_logger, warn_once
 from . import layout
 from .async_writer import AsyncCheckpointWriter
@@ -321,7 +320,6 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = read_train_state(path)
-        check_same_data(saved.get("data"), self.trainer.data.fingerprint_like(saved.get("data")), str(path))
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
         reader = CheckpointReader(path)

@@ -31,9 +31,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from ..config import ConfigError, ModelConfig, RunConfig
 from . import layout
 from .errors import CheckpointError
+from .keys import MODEL_PREFIX, model_key
 from .manifest import verify_manifest
 
-MODEL_PREFIX = "model."  # DCP keys of the model's parameters (optimizer states are "optim.*")
 DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
 Advance = Callable[[int], None]  # called with the bytes just read
 
@@ -137,7 +137,7 @@ def model_layout(cfg: ModelConfig) -> ModelLayout:
     specs = []
     for name, t in sd.items():
         owner = first.setdefault(id(t), name)
-        specs.append(TensorSpec(name, tuple(t.shape), MODEL_PREFIX + param_name.get(id(t), name),
+        specs.append(TensorSpec(name, tuple(t.shape), model_key(param_name.get(id(t), name)),
                                 None if owner == name else owner))
     return ModelLayout(specs, getattr(sd, "_metadata", None))
 
