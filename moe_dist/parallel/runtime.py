@@ -59,11 +59,18 @@ def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
     return path
 
 
+def select_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed which accelerator to use (``DS_ACCELERATOR``), before it is first imported: it
+    reads the variable once, at import. A value already set (a test, the user) wins."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                  accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
     """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig.
 
     ``accelerator_kwargs``: more arguments of ``Accelerator`` (the trackers, see moe_dist.trackers)."""
+    select_deepspeed_accelerator()  # first: Accelerate imports DeepSpeed below
     quiet_third_party()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         warn_stale_build_locks(get_logger().warning)  # before DeepSpeed's comm set-up loads its shm op
