@@ -142,20 +142,6 @@ def model_layout(cfg: ModelConfig) -> ModelLayout:
     return ModelLayout(specs, getattr(sd, "_metadata", None))
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, ``checkpoint_latest`` or a run folder (its newest complete checkpoint)."""
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / layout.DCP_METADATA).exists():
-        found = layout.resolve_resume("auto", str(p))
-        if found is None:
-            raise CheckpointError(f"{path}: run folder without a complete checkpoint under {p / 'checkpoints'}")
-        return found
-    try:
-        return layout.resolve_resume(str(p), str(p.parent))
-    except CheckpointError as e:  # same checks as --resume; drop the flag name from the message
-        raise CheckpointError(str(e).replace("--resume ", "", 1)) from None
-
-
 def read_train_state(folder: Path) -> dict[str, Any]:
     path = folder / layout.TRAIN_STATE
     try:
@@ -177,7 +163,7 @@ class Checkpoint:
     """A verified DCP checkpoint folder whose model tensors can be read in bounded batches."""
 
     def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
-        self.folder = resolve_checkpoint(path)
+        self.folder = layout.resolve_checkpoint(path)
         if verify:
             verify_manifest(self.folder)
         self.state = read_train_state(self.folder)

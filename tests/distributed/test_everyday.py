@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from moe_dist.checkpoint import layout
-from moe_dist.checkpoint.cli import resolve_checkpoint
 
 from .harness import REPO_ROOT
 from .trainrun import FAST, TRAIN, metrics, train
@@ -99,7 +98,7 @@ def test_plain_python_run_sigterm_exit_75_and_the_run_folder(tmp_path):
     assert back.returncode == 0, back.stdout[-2000:] + back.stderr[-2000:]
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
     newest = out / "checkpoints" / layout.step_dir_name(step + 1)
-    assert resolve_checkpoint(str(out)) == newest.resolve() == layout.resolve_resume("auto", str(out)).resolve()
+    assert layout.find_checkpoint(str(out)) == newest.resolve() == layout.resolve_resume("auto", str(out)).resolve()
     (aside,) = tmp_path.glob("run.old-*")
     assert (aside / "checkpoints" / layout.step_dir_name(step + 2)).is_dir()  # moved, not deleted
 

@@ -256,7 +256,7 @@ def test_user_errors_are_one_line(ckpt, tmp_path, capsys):
     flip_bits(shard, mask=0xFF)
     cases = [
         ([str(tmp_path / "nope")], "no such file or folder"),
-        ([str(tmp_path / "plain")], "not a checkpoint (no .metadata file inside)"),
+        ([str(tmp_path / "plain")], "not a checkpoint (no .metadata, manifest.json or checkpoints/ inside)"),
         ([str(half)], "incomplete checkpoint (missing manifest.json)"),
         ([str(bad), "-o", str(tmp_path / "x.pt")], "differs from the manifest"),
         ([str(src), "-o", str(src / "in.pt")], "inside the checkpoint"),

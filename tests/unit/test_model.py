@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_dist.config import ModelConfig, get_preset
+from moe_dist.config import ModelConfig
 from moe_dist import model as lm
 from moe_dist.model import LocalDispatcher, MoE18BLLM, MoEFeedForward, MoETransformer, flatten_assignments, route
 
