@@ -31,7 +31,7 @@ def _cfg(size: str, stage: int, ep: int) -> Any:
 def rejected(size: str, stage: int, ep: int) -> Optional[str]:
     """validate_ep's message if the trainer refuses this combination, else None."""
     from moe_dist.config import ConfigError
-    from moe_dist.parallel.expert_parallel import validate_ep
+    from moe_dist.parallel.dims import validate_ep
 
     try:
         validate_ep(_cfg(size, stage, ep), WORLD)

@@ -51,12 +51,10 @@ def build(size: str, output_dir: Path, extra: list[str]) -> SimpleNamespace:
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.metrics import MetricsLog
-    from moe_dist.parallel.expert_parallel import validate_ep
     from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.trainer import Trainer
 
     args, cfg = parse([*SIZES[size], *CKPT_SETS, "--output-dir", str(output_dir), *extra])
-    validate_ep(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     rt = init_runtime(cfg, args.deepspeed_config)
     model, engine = build_engine(rt, cfg)

@@ -127,10 +127,10 @@ class Checker:
         if self.peak is None or self.smoke:
             return None
         from moe_dist.config import get_preset
-        from moe_dist.model import count_parameters
+        from moe_dist.param_counts import count_params
 
         cfg = get_preset(preset)
-        _, active = count_parameters(cfg.model)
+        active = count_params(cfg.model).active
         per_token = 6 * active + 12 * cfg.model.n_layers * cfg.model.d_model * cfg.train.seq_len
         return tokens_per_s * per_token / (gpus * self.peak * 1e12)
 

@@ -62,7 +62,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .checkpoint import layout
-from .checkpoint.reader import DEFAULT_READ_BUDGET, Advance, Checkpoint, TensorSpec, read_train_state, resolve_checkpoint
+from .checkpoint.reader import DEFAULT_READ_BUDGET, Advance, Checkpoint, TensorSpec, read_train_state
 from .checkpoint.errors import CheckpointError
 from .config import ConfigError, ModelConfig
 from .logging_utils import get_logger
@@ -412,7 +412,7 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
         raise ConsolidateError("--read-budget and --max-shard-size must be positive")
     torch_dtype = DTYPES[dtype]
 
-    folder = resolve_checkpoint(checkpoint)
+    folder = layout.resolve_checkpoint(checkpoint)
     step = int(read_train_state(folder)["step"])
     out_path = Path(out) if out is not None else default_output(folder, step, fmt)
     _check_output(out_path, folder, fmt, force)

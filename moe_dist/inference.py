@@ -38,7 +38,8 @@ from torch import nn
 from .checkpoint import layout
 from .checkpoint.errors import CheckpointError
 from .config import RunConfig
-from .checkpoint.reader import MODEL_PREFIX, Checkpoint, run_config
+from .checkpoint.keys import model_key, param_name
+from .checkpoint.reader import Checkpoint, run_config
 from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
 
 
@@ -144,10 +145,10 @@ def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     entries = _stored_entries(model)
     if info.kind == "dcp":
         ckpt: Checkpoint = info.source
-        found = {k[len(MODEL_PREFIX):]: tuple(md.size) for k, md in ckpt.metadata.items() if k.startswith(MODEL_PREFIX)}
+        found = {param_name(k): tuple(md.size) for k, md in ckpt.metadata.items() if param_name(k) is not None}
         _check_match(info.path, model.state_dict(keep_vars=True), found)  # every name, a tied head too
         # DCP copies the chunks straight into the parameters: no second copy of the model.
-        ckpt.load({MODEL_PREFIX + k: t.detach() for k, t in entries.items()})
+        ckpt.load({model_key(k): t.detach() for k, t in entries.items()})
     elif info.kind == "pt":
         sd = info.source["model_state_dict"]  # every state_dict key, the tied head too
         _check_match(info.path, model.state_dict(keep_vars=True), {k: tuple(t.shape) for k, t in sd.items()})
@@ -180,18 +181,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, device: str | torch.devi
 
 
 def _build(info: CheckpointInfo, device: str | torch.device) -> tuple[nn.Module, RunConfig]:
-    from .model import MoETransformer
+    from . import model as lm
 
     cfg = run_config(info.config, info.path)
-    with torch.device(device):
-        model = MoETransformer(cfg.model)
+    model = lm.build(cfg.model, device)
     _load_weights(info, model)
     return model.eval(), cfg
 
 
 def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu",
                              verify: bool = True) -> tuple[nn.Module, RunConfig, int]:
-    """Build ``MoETransformer`` from the checkpoint's stored config on ``device``, load its weights,
+    """Build the model from the checkpoint's stored config on ``device``, load its weights,
     eval mode. Returns ``(model, RunConfig, step)``."""
     info = checkpoint_info(path, verify=verify)
     model, cfg = _build(info, device)

@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 from .config import ConfigError, RunConfig
 from .parallel.deepspeed_config import read_launch_json
-from .planner import (Hardware, Plan, config_from_args, count_params, fmt_bytes, fmt_count, parse_bytes, plan,
+from .param_counts import count_params
+from .planner import (Hardware, Plan, config_from_args, fmt_bytes, fmt_count, parse_bytes, plan,
                       render)
 
 

@@ -50,19 +50,9 @@ def warn_once(message: str) -> None:
 
 def quiet_third_party() -> None:
     """DeepSpeed and Accelerate log a lot at INFO on every rank; keep warnings only."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Deprecation notices from inside torch.distributed / DCP (ShardedTensor, all_gather_into_tensor)
     # that DeepSpeed and DCP trigger, not our code; one per rank per call site otherwise.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor.*")
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False

@@ -33,11 +33,6 @@ def uses_muon(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(k in name.lower() for k in NO_MUON_KEYWORDS)
 
 
-def is_expert_param(name: str) -> bool:
-    """Parameters of routed experts (sharded by expert parallelism); not the shared expert."""
-    return ".experts." in name
-
-
 def tag_parameters(model: nn.Module) -> None:
     """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all)."""
     for name, p in model.named_parameters():

@@ -47,7 +47,9 @@ from typing import Any, Optional
 
 from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
 from .muon_cost import muon_step_note
+from .param_counts import ParamCounts, count_params
 from .parallel.deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
+from .parallel.dims import validate_ep
 
 GiB = 2**30
 
@@ -65,58 +67,6 @@ DS_ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "st
                     "sub_group_size": 1e9, "stage3_param_persistence_threshold": 1e5}
 PHASES = ("always", "init", "train", "fwd/bwd", "step")
 MODEL_STATE = ("params", "grads", "optimizer")
-
-
-# --------------------------------------------------------------------------- parameter counts
-@dataclass(frozen=True)
-class ParamCounts:
-    """Parameters by role, from ModelConfig alone (no biases anywhere)."""
-
-    embedding: int
-    lm_head: int          # 0 when tied
-    attention: int        # wq, wk, wv, wo of all layers
-    norms: int            # two RMSNorms per layer + the final one
-    router: int
-    experts: int          # routed experts (split by expert parallelism)
-    shared_expert: int
-    tensors: tuple        # ((numel, how many), ...): every weight is its own module (bias-free Linear, norm)
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.lm_head + self.attention + self.norms + self.router + self.experts + \
-            self.shared_expert
-
-    @property
-    def non_expert(self) -> int:
-        return self.total - self.experts
-
-    @property
-    def largest_module(self) -> int:
-        """What ZeRO-3 gathers at once at most (module by module): here the embedding, usually."""
-        return max(numel for numel, _ in self.tensors)
-
-    def persistent(self, threshold: float) -> int:
-        """Params ZeRO-3 keeps whole on every GPU (numel below stage3_param_persistence_threshold)."""
-        return sum(numel * k for numel, k in self.tensors if numel < threshold)
-
-    def muon(self, optimizer: str) -> tuple[int, int]:
-        """(non-expert, expert) parameters Muon trains: every 2-D matrix but the embedding and
-        the output head (``optim.uses_muon``, DeepSpeed's rule); AdamW takes the rest."""
-        if optimizer != "muon":
-            return 0, 0
-        return self.attention + self.shared_expert + self.router, self.experts
-
-
-def count_params(m: ModelConfig) -> ParamCounts:
-    d, f, e, L, kvd = m.d_model, m.d_ff, m.num_experts, m.n_layers, m.kv_heads * m.head_dim
-    mats = 3 if m.expert_type == "swiglu" else 2
-    emb = m.vocab_size * d
-    tensors = ((emb, 1 if m.tie_embeddings else 2), (d, 2 * L + 1), (e * d, L), (d * d, 2 * L), (d * kvd, 2 * L),
-               (d * f, mats * L * (e + int(m.shared_expert))))
-    return ParamCounts(
-        embedding=emb, lm_head=0 if m.tie_embeddings else emb, attention=L * (2 * d * d + 2 * d * kvd),
-        norms=(2 * L + 1) * d, router=L * e * d, experts=L * e * mats * d * f,
-        shared_expert=L * mats * d * f if m.shared_expert else 0, tensors=tensors)
 
 
 # --------------------------------------------------------------------------- inputs and outputs
@@ -226,18 +176,11 @@ class Plan:
 # --------------------------------------------------------------------------- the estimate
 def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Settings:
     """Resolve the run the way the trainer does (build_ds_config), and check the parallel degrees."""
-    n, ep, e = hw.world_size, cfg.parallel.ep_size, cfg.model.num_experts
-    if e % ep:
-        raise ConfigError(f"model.num_experts ({e}) must be divisible by parallel.ep_size ({ep}); use --ep-size "
-                          f"from {[k for k in range(1, e + 1) if e % k == 0]}")
-    if n % ep:
-        raise ConfigError(f"world size ({n} = {hw.gpus_per_node} GPUs x {hw.nodes} nodes) must be divisible by "
-                          f"parallel.ep_size ({ep}); lower --ep-size")
+    n, ep = hw.world_size, cfg.parallel.ep_size
     ds = build_ds_config(cfg, launch if launch is not None else read_launch_json(None), n, hw.accelerator == "cuda")
     z = ds["zero_optimization"]
     stage = int(z["stage"])
-    if ep > 1 and stage == 3:
-        raise ConfigError(f"--ep-size {ep} with ZeRO-3 is not supported by the trainer; use --ep-size 1 or ZeRO-1/2")
+    validate_ep(cfg, n, stage)  # the trainer's own check (parallel.dims)
     zero = {k: float(z.get(k, v)) for k, v in DS_ZERO_DEFAULTS.items()}
     zero["overlap_comm"] = bool(z.get("overlap_comm", stage == 3))
     return Settings(

@@ -94,9 +94,10 @@ def run(argv: Optional[list[str]] = None) -> int:
         print(config_help_text(cfg))
         return 0
     if args.print_params:
-        from moe_dist.model import count_parameters
+        from moe_dist.param_counts import count_params
 
-        total, active = count_parameters(cfg.model)
+        pc = count_params(cfg.model)
+        total, active = pc.total, pc.active
         print(f"preset {cfg.preset}: total {total:,} parameters ({_short(total)}), "
               f"active per token {active:,} ({_short(active)})")
         return 0
@@ -129,11 +130,10 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env, strict_device_from_env
     from moe_dist.metrics import MetricsLog
-    from moe_dist.model import count_parameters
+    from moe_dist.param_counts import count_params
     from moe_dist import init_from as init_weights
     from moe_dist import run_artifacts, trackers
     from moe_dist.logging_utils import get_logger
-    from moe_dist.parallel.expert_parallel import validate_ep
     from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.run_folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run_lock import hold_run_folder
@@ -141,8 +141,6 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.ui import TrainUI
 
     stop_at = cfg.checkpoint.stop_at_step
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_ep(cfg, world)
     report_to = trackers.requested(cfg)  # a tracker that is not installed fails now
     _check_output_dir(cfg.checkpoint.output_dir)
     rt = init_runtime(cfg, args.deepspeed_config, trackers.accelerator_kwargs(report_to, cfg.checkpoint.output_dir))
@@ -201,9 +199,9 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
 
-    total, active = count_parameters(cfg.model)
+    pc = count_params(cfg.model)
     with TrainUI(rt.is_main, cfg.train.max_steps, trainer.state.step, cfg.train.log_every) as ui:
-        ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), "
+        ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {pc.total / 1e6:.1f}M params ({pc.active / 1e6:.1f}M active), "
                  f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
                  f"optimizer {rt.optimizer_kind}, {str(next(engine.module.parameters()).dtype).removeprefix('torch.')}"
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")

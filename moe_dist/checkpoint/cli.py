@@ -8,7 +8,8 @@
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
-or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes).
+or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes);
+the rule is ``layout.find_checkpoint``, shared with ``--resume`` and ``moe-consolidate``.
 
 Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt or fails the expert audit;
 2 PATH is not a checkpoint (missing, a plain folder, a run with no complete checkpoint).
@@ -29,45 +30,6 @@ from .errors import CheckpointError
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 
 
-class _NotACheckpoint(Exception):
-    """PATH cannot be turned into a checkpoint folder (exit 2)."""
-
-
-# ----------------------------------------------------------------------------- finding the folder
-def _looks_like_checkpoint(p: Path) -> bool:
-    names = (layout.DCP_METADATA, layout.MANIFEST, layout.TRAIN_STATE)
-    return bool(layout.STEP_RE.match(p.name)) or any((p / n).is_file() for n in names) \
-        or any(p.glob("*.distcp"))
-
-
-def resolve_checkpoint(spec: str) -> Path:
-    """The checkpoint folder PATH stands for; raises _NotACheckpoint with a one-line reason."""
-    p = Path(spec)
-    if p.is_symlink() and not p.exists():
-        raise _NotACheckpoint(f"{spec}: a link to {p.readlink()}, which does not exist")
-    if not p.exists():
-        raise _NotACheckpoint(f"{spec}: no such file or folder")
-    p = p.resolve()
-    if not p.is_dir():
-        raise _NotACheckpoint(f"{spec}: a file, not a folder; give a checkpoint_step_<N> folder, "
-                              f"{layout.LATEST} or a run folder")
-    if _looks_like_checkpoint(p):
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    # The newest complete checkpoint: the one --resume auto takes (checkpoint_latest can lag behind
-    # it, after a save killed between publishing and moving the pointer).
-    ckpts = layout.complete_checkpoints(root)
-    if ckpts:
-        return ckpts[-1][1]
-    latest = root / layout.LATEST
-    if latest.is_symlink() and not latest.exists():
-        raise _NotACheckpoint(f"{spec}: {latest} points to {latest.readlink()}, which does not exist")
-    if root != p or any(layout.STEP_RE.match(c.name) for c in p.iterdir()) or layout.leftovers(p):
-        raise _NotACheckpoint(f"{spec}: no complete checkpoint under {root}")
-    raise _NotACheckpoint(f"{spec}: not a checkpoint (no {layout.DCP_METADATA}, {layout.MANIFEST} or "
-                          "checkpoints/ inside)")
-
-
 # ----------------------------------------------------------------------------- reading it
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -77,17 +39,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def _missing_parts(folder: Path) -> list[str]:
-    return [n for n in (layout.DCP_METADATA, layout.TRAIN_STATE, layout.MANIFEST) if not (folder / n).is_file()]
-
-
-def _require_complete(folder: Path) -> None:
-    missing = _missing_parts(folder)
-    if missing:
-        raise CheckpointError(f"{folder}: incomplete checkpoint (missing {', '.join(missing)}); it was "
-                              "interrupted while saving; use an earlier one")
 
 
 def _model_config(folder: Path, state: dict[str, Any]):  # noqa: ANN202 - ModelConfig
@@ -113,9 +64,10 @@ def human_bytes(n: float) -> str:
 
 def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
     """(architecture, parameter counts) of a ModelConfig, one line each."""
-    from ..model import count_parameters
+    from ..param_counts import count_params
 
-    total, active = count_parameters(mc)
+    pc = count_params(mc)
+    total, active = pc.total, pc.active
     experts = f"{mc.num_experts} experts top-{mc.top_k} ({mc.expert_type}{' + shared' if mc.shared_expert else ''})"
     return (f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads ({mc.kv_heads} kv), {experts}, "
             f"d_ff {mc.d_ff}, vocab {mc.vocab_size}, max_seq_len {mc.max_seq_len}",
@@ -127,16 +79,16 @@ def run_folder_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
 
 
-def checkpoint_info(folder: Path) -> dict[str, Any]:
+def info_report(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
     from ..run_lock import run_status
 
     if not (folder / layout.TRAIN_STATE).is_file():
-        _require_complete(folder)
+        layout.require_complete(folder)
     state = _read_json(folder / layout.TRAIN_STATE)
     topo = state.get("topology", {})
     files = _files(folder)
-    missing = _missing_parts(folder)
+    missing = layout.missing_parts(folder)
     return {
         "path": str(folder), "step": state.get("step"), "tokens": state.get("tokens"),
         "world_size": topo.get("world_size"), "zero_stage": topo.get("zero_stage"), "ep_size": topo.get("ep_size"),
@@ -153,7 +105,7 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     from .audit import audit_experts
     from .manifest import verify_manifest
 
-    _require_complete(folder)
+    layout.require_complete(folder)
     manifest = verify_manifest(folder, checksums=checksums)
     state = _read_json(folder / layout.TRAIN_STATE)
     if manifest.get("step") is not None and manifest.get("step") != state.get("step"):
@@ -232,13 +184,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        folder = resolve_checkpoint(args.path)
-    except _NotACheckpoint as e:
+        folder = layout.find_checkpoint(args.path)  # not a checkpoint: exit 2; incomplete: 1, below
+    except CheckpointError as e:
         _error(str(e))
         return EXIT_USAGE
     try:
         if args.command == "info":
-            _print_info(checkpoint_info(folder))
+            _print_info(info_report(folder))
         else:
             from rich.console import Console
 

@@ -8,7 +8,7 @@ any other DCP reader sees ordinary tensors: ``dcp_to_torch_save`` gives a state 
 loads as is, and an FSDP2 model loads ``model.*`` with ``set_model_state_dict``.
 
 Keys are parameter names (the names of the consolidated file), under the names
-``torch.distributed.checkpoint.state_dict`` uses::
+``torch.distributed.checkpoint.state_dict`` uses (``keys``)::
 
     model.{name}                   fp32 master weights                 ShardedTensor S
     optim.state.{name}.{state}     exp_avg, exp_avg_sq, momentum_buffer ShardedTensor S
@@ -53,17 +53,7 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 from ..logging_utils import warn_once
 from .errors import CheckpointError
 from .fragment import Fragment, box_start, box_view, flat_boxes
-
-MODEL, OPTIM = "model", "optim"
-STEP = "step"
-
-
-def model_key(name: str) -> str:
-    return f"{MODEL}.{name}"
-
-
-def optim_key(name: str, state: str) -> str:
-    return f"{OPTIM}.state.{name}.{state}"
+from .keys import MODEL, MODEL_PREFIX, OPTIM, OPTIM_STATE_PREFIX, model_key, optim_key
 
 
 # ----------------------------------------------------------------------------- checkpoint metadata
@@ -79,7 +69,7 @@ class SavedKeys:
 
     @property
     def has_optimizer_states(self) -> bool:
-        return any(k.startswith(f"{OPTIM}.state.") for k in self.sizes)
+        return any(k.startswith(OPTIM_STATE_PREFIX) for k in self.sizes)
 
     def require_model(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise :class:`CheckpointError` unless ``model.{name}`` is saved with ``shape``."""
@@ -225,10 +215,10 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     the structure ``get_state_dict`` returns, so ``dcp_to_torch_save`` rebuilds it."""
     out: dict[str, Any] = {MODEL: {}, OPTIM: {"state": {}}}
     for key, v in flat.items():
-        if key.startswith(MODEL + "."):
-            out[MODEL][key[len(MODEL) + 1:]] = v
+        if key.startswith(MODEL_PREFIX):
+            out[MODEL][key[len(MODEL_PREFIX):]] = v
         else:
-            name, state = key[len(OPTIM) + len(".state."):].rsplit(".", 1)
+            name, state = key[len(OPTIM_STATE_PREFIX):].rsplit(".", 1)
             out[OPTIM]["state"].setdefault(name, {})[state] = v
     return out
 

@@ -51,11 +51,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -68,8 +63,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file() and (path / DCP_METADATA).is_file() \
-        and (path / TRAIN_STATE).is_file()
+    return path.is_dir() and not missing_parts(path)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -165,32 +159,77 @@ def prune(root: Path, keep_last: int, protect: Optional[Path] = None) -> list[Pa
     return removed
 
 
+def missing_parts(path: Path) -> list[str]:
+    """The files a complete checkpoint has and ``path`` lacks."""
+    return [n for n in (DCP_METADATA, MANIFEST, TRAIN_STATE) if not (path / n).is_file()]
+
+
+def _looks_like_checkpoint(p: Path) -> bool:
+    """A step folder, or a folder holding checkpoint files (complete or not)."""
+    return bool(STEP_RE.match(p.name)) or any((p / n).is_file() for n in (DCP_METADATA, MANIFEST, TRAIN_STATE)) \
+        or any(p.glob("*.distcp"))
+
+
+def find_checkpoint(spec: str | os.PathLike) -> Path:
+    """The checkpoint folder PATH names; the one rule of ``--resume``, ``moe-ckpt``, ``moe-consolidate``
+    and ``load_checkpoint``:
+
+    * a ``checkpoint_step_<N>`` folder (or any folder holding checkpoint files) is itself;
+    * ``checkpoint_latest`` is the folder it points to;
+    * a run folder (``--output-dir``) or its ``checkpoints/`` folder means its newest complete
+      checkpoint: the one ``--resume auto`` takes (``checkpoint_latest`` can lag behind it after a
+      save killed between publishing and moving the pointer).
+
+    A named folder is not checked for completeness here (``moe-ckpt info`` shows an incomplete one);
+    see :func:`require_complete`. Raises CheckpointError naming PATH and what was expected."""
+    p = Path(spec)
+    if p.is_symlink() and not p.exists():
+        raise CheckpointError(f"{spec}: a link to {os.readlink(p)}, which does not exist (a save was interrupted); "
+                              "give the run folder, or --resume auto, to take the newest complete checkpoint")
+    if not p.exists():
+        raise CheckpointError(f"{spec}: no such file or folder")
+    if p.is_symlink():
+        p = p.resolve()
+    if not p.is_dir():
+        raise CheckpointError(f"{spec}: a file, not a folder; give a checkpoint_step_<N> folder, {LATEST} "
+                              "or a run folder")
+    if _looks_like_checkpoint(p):
+        return p
+    root = checkpoints_dir(str(p)) if checkpoints_dir(str(p)).is_dir() else p
+    ckpts = complete_checkpoints(root)
+    if ckpts:
+        return ckpts[-1][1]
+    latest = root / LATEST
+    if latest.is_symlink() and not latest.exists():
+        raise CheckpointError(f"{spec}: {latest} points to {os.readlink(latest)}, which does not exist")
+    if root != p or any(STEP_RE.match(c.name) for c in p.iterdir()) or leftovers(p):
+        raise CheckpointError(f"{spec}: no complete checkpoint under {root}")
+    raise CheckpointError(f"{spec}: not a checkpoint (no {DCP_METADATA}, {MANIFEST} or checkpoints/ inside)")
+
+
+def require_complete(path: Path, spec: Optional[str | os.PathLike] = None) -> Path:
+    """``path`` if it holds every file of a complete checkpoint; CheckpointError naming ``spec`` (default
+    ``path``) and the missing files otherwise."""
+    missing = missing_parts(path)
+    if missing:
+        raise CheckpointError(f"{spec if spec is not None else path}: incomplete checkpoint (missing "
+                              f"{', '.join(missing)}); it was interrupted while saving; use an earlier one")
+    return path
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """:func:`find_checkpoint`, then :func:`require_complete`: a checkpoint that can be read."""
+    return require_complete(find_checkpoint(spec), spec)
+
+
 def resolve_resume(spec: str, output_dir: str) -> Optional[Path]:
     """Map --resume to a complete checkpoint folder; ``auto`` returns None when there is none.
 
-    Raises CheckpointError naming the path when an explicit one is missing or incomplete.
-    """
-    root = checkpoints_dir(output_dir)
+    Any other value follows :func:`find_checkpoint`; errors are prefixed with ``--resume``."""
     if spec == "auto":
-        ckpts = complete_checkpoints(root)
+        ckpts = complete_checkpoints(checkpoints_dir(output_dir))
         return ckpts[-1][1] if ckpts else None
-    path = Path(spec)
-    if path.is_symlink() and not path.exists():
-        raise CheckpointError(f"--resume {spec}: the link points to {os.readlink(path)}, which does not exist (a save "
-                              "was interrupted); use --resume auto, which repairs it or takes the newest complete one")
-    if not path.exists():
-        raise CheckpointError(f"--resume {spec}: no such file or folder")
-    if path.is_symlink() or path.name == LATEST:
-        path = path.resolve()
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {spec}: not a folder (give a checkpoint_step_<N> folder or checkpoint_latest)")
-    if (path / "checkpoints").is_dir() and not (path / DCP_METADATA).exists():
-        raise CheckpointError(f"--resume {spec}: this is a run folder; give {path / 'checkpoints' / LATEST} "
-                              f"or use --resume auto --output-dir {path}")
-    if not (path / DCP_METADATA).is_file():
-        raise CheckpointError(f"--resume {spec}: not a checkpoint (no {DCP_METADATA} file inside)")
-    if not is_complete(path):
-        missing = [n for n in (MANIFEST, TRAIN_STATE) if not (path / n).is_file()]
-        raise CheckpointError(f"--resume {spec}: incomplete checkpoint (missing {', '.join(missing)}); "
-                              "it was interrupted while saving—resume from an earlier one")
-    return path
+    try:
+        return resolve_checkpoint(spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {e}") from None

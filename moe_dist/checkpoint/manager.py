@@ -31,14 +31,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..data.loader import check_same_data
 from ..logging_utils import get_logger
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
 from .manifest import config_hash, own_shard_entries, write_manifest
-from .reader import FORMAT_VERSION, CheckpointReader, read_train_state
+from .keys import FORMAT_VERSION
+from .reader import CheckpointReader, read_train_state
 from .resume import choose_resume
 from .dcp_state import EngineCheckpoint, read_saved_keys
 
@@ -316,7 +316,6 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
         saved = read_train_state(path)
-        check_same_data(saved.get("data"), self.trainer.data.fingerprint_like(saved.get("data")), str(path))
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
         reader = CheckpointReader(path)

@@ -30,14 +30,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from . import layout
-from .errors import CheckpointError
+from .errors import CheckpointError, IncompatibleCheckpoint
 from .fragment import box_start
+from .keys import FORMAT_VERSION, MODEL_PREFIX, model_key
 from .manifest import verify_manifest
 
-MODEL_PREFIX = "model."  # DCP keys of the model's parameters (optimizer states are "optim.*")
-# The layout of the DCP shards, recorded in train_state.json. 2: every tensor in the model's own
-# shape, optimizer states under torch's ``optim.state.<name>.<state>`` names (1 stored flat vectors).
-FORMAT_VERSION = 2
 DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
 Advance = Callable[[int], None]  # called with the bytes just read
 
@@ -148,34 +145,19 @@ class ModelLayout:
 
 
 def model_layout(cfg: ModelConfig) -> ModelLayout:
-    """Names and shapes of ``MoETransformer(cfg).state_dict()``, from a meta-device model (no memory)."""
-    from ..model import MoETransformer
+    """Names and shapes of the model's ``state_dict()``, from a meta-device model (no memory)."""
+    from .. import model as lm
 
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
+    model = lm.build(cfg, device="meta")
     param_name = {id(p): n for n, p in model.named_parameters()}  # deduplicated: a tied weight once
     sd = model.state_dict(keep_vars=True)
     first: dict[int, str] = {}
     specs = []
     for name, t in sd.items():
         owner = first.setdefault(id(t), name)
-        specs.append(TensorSpec(name, tuple(t.shape), MODEL_PREFIX + param_name.get(id(t), name),
+        specs.append(TensorSpec(name, tuple(t.shape), model_key(param_name.get(id(t), name)),
                                 None if owner == name else owner))
     return ModelLayout(specs, getattr(sd, "_metadata", None))
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, ``checkpoint_latest`` or a run folder (its newest complete checkpoint)."""
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / layout.DCP_METADATA).exists():
-        found = layout.resolve_resume("auto", str(p))
-        if found is None:
-            raise CheckpointError(f"{path}: run folder without a complete checkpoint under {p / 'checkpoints'}")
-        return found
-    try:
-        return layout.resolve_resume(str(p), str(p.parent))
-    except CheckpointError as e:  # same checks as --resume; drop the flag name from the message
-        raise CheckpointError(str(e).replace("--resume ", "", 1)) from None
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
@@ -187,7 +169,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable train state ({e.__class__.__name__}: {e})") from None
     found = state.get("format_version")
     if found != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version is {found!r}, this moe_dist reads checkpoints of format "
+        raise IncompatibleCheckpoint(f"{path}: format_version is {found!r}, this moe_dist reads checkpoints of format "
                               f"{FORMAT_VERSION} only (tensors in the model's own shapes); load it with the "
                               "moe_dist version that wrote it and export it with moe-consolidate")
     return state
@@ -204,7 +186,7 @@ class Checkpoint:
     """A verified DCP checkpoint folder whose model tensors can be read in bounded batches."""
 
     def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
-        self.folder = resolve_checkpoint(path)
+        self.folder = layout.resolve_checkpoint(path)
         if verify:
             verify_manifest(self.folder)
         self.state = read_train_state(self.folder)

@@ -5,7 +5,7 @@ wrong. ``--resume auto`` (what a restarted job uses) takes the newest complete c
 run's ``checkpoints/`` and, when that one is damaged (a shard truncated or bit-flipped, a file
 missing, ``train_state.json`` unreadable), falls back to the next older one with a warning per
 skipped folder: a corrupt newest save must not keep a restarted job down when an older good one
-exists. A checkpoint of another architecture or global batch is refused at once, never skipped:
+exists. A checkpoint of another architecture, global batch or format version is refused at once, never skipped:
 older checkpoints of the same run would differ the same way, and the fix is the user's config.
 
 The checks come in two costs: sizes, JSON and config (a few stats, every rank, before anything is

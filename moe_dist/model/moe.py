@@ -44,11 +44,6 @@ class Expert(nn.Module):
         return self.w_down(h_NF)
 
 
-def expert_param_count(d_model: int, d_ff: int, expert_type: str) -> int:
-    """Parameters of one :class:`Expert`, without building it (used by ``count_parameters``)."""
-    return (3 if expert_type == "swiglu" else 2) * d_model * d_ff
-
-
 class Routing(NamedTuple):
     idx_TK: torch.Tensor             # chosen experts (global ids), long
     weight_TK: torch.Tensor          # fp32 weights, each row sums to 1

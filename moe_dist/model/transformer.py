@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .moe import MoEFeedForward, expert_param_count
+from .moe import MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -36,11 +36,10 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
-def rope_tables(max_seq_len: int, head_dim: int, theta: float,
-                device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, h), computed in fp64 and stored fp32 so long positions stay exact."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
+def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_seq_len, h) on the CPU, computed in fp64 and stored fp32 so long positions stay exact."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -111,10 +110,9 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # Derived from the config, so kept out of state_dict (persistent=False).
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Rotary tables per device, made on first use: a plain dict, not buffers, so that casts of the
+        # whole module (``.to(torch.bfloat16)``, an engine's bf16 set-up) leave them fp32.
+        self._rope_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -134,18 +132,19 @@ class MoETransformer(nn.Module):
             if isinstance(m, MoEFeedForward):
                 yield m
 
-    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin tables (T, h) on ``device``; computed on the CPU once, then copied there."""
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        if self.rope_cos.dtype != torch.float32:
-            # A whole-module cast (e.g. DeepSpeed's bf16) rounded the tables; rebuild them in fp32.
-            self.rope_cos, self.rope_sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim,
-                                                       self.cfg.rope_theta, self.rope_cos.device)
-        return self.rope_cos[:T], self.rope_sin[:T]
+        tables = self._rope_cache.get(device)
+        if tables is None:
+            cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+            tables = self._rope_cache[device] = (cos.to(device), sin.to(device))
+        return tables[0][:T], tables[1][:T]
 
     def forward(self, tokens_BT: torch.Tensor,
                 return_aux_loss: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        cos_Th, sin_Th = self._rope(tokens_BT.shape[1])
+        cos_Th, sin_Th = self.rope(tokens_BT.shape[1], tokens_BT.device)
         x_BTD = self.embed(tokens_BT)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
@@ -163,18 +162,3 @@ class MoETransformer(nn.Module):
 
 MoE18BLLM = MoETransformer
 
-
-def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
-    """``(total, active_per_token)`` from the config alone (no model is built, so it works for
-    the 18B preset). Equals ``sum(p.numel())`` of a built model; a tied head counts once.
-    Active = everything but the routed experts, plus ``top_k`` routed experts per layer
-    (embedding and head counted in full, the usual convention)."""
-    D, hd = cfg.d_model, cfg.head_dim
-    attn = D * cfg.n_heads * hd + 2 * D * cfg.kv_heads * hd + cfg.n_heads * hd * D
-    expert = expert_param_count(D, cfg.d_ff, cfg.expert_type)
-    dense_per_layer = 2 * D + attn + D * cfg.num_experts + (expert if cfg.shared_expert else 0)
-    embed = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
-    dense = embed + D + cfg.n_layers * dense_per_layer
-    total = dense + cfg.n_layers * cfg.num_experts * expert
-    active = dense + cfg.n_layers * cfg.top_k * expert
-    return total, active

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ConfigError, RunConfig
 from ..logging_utils import warn_once
+from .dims import batch_layout
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
@@ -24,33 +24,6 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "steps_per_print": 10**9,
     "wall_clock_breakdown": False,
 }
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How the global batch is split: global = micro x grad_accum x data_parallel_size."""
-
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum: int
-    data_parallel_size: int
-
-
-def batch_layout(cfg: RunConfig, world_size: int) -> BatchLayout:
-    """Derive grad accumulation so the global batch is the same on any world size.
-
-    Every rank reads its own data (expert parallelism splits experts, not data), so the
-    data-parallel size is the world size.
-    """
-    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if g % (m * world_size) != 0:
-        ok = [w for w in range(1, 17) if g % (m * w) == 0]
-        raise ConfigError(
-            f"train.global_batch_size ({g}) must be divisible by train.micro_batch_size ({m}) x world size "
-            f"({world_size}) = {m * world_size}; with this micro batch it splits on world sizes {ok}. "
-            f"Change --set train.global_batch_size or train.micro_batch_size."
-        )
-    return BatchLayout(g, m, g // (m * world_size), world_size)
 
 
 def read_launch_json(path: Optional[str]) -> dict[str, Any]:

@@ -32,28 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, RunConfig
-
-WORKING_COMBINATIONS = ("ZeRO-1 or ZeRO-2 with any --ep-size dividing the world size and num_experts "
-                        "(optimizer offload included), or ZeRO-3 with --ep-size 1")
-
-
-def validate_ep(cfg: RunConfig, world_size: int, zero_stage: Optional[int] = None) -> None:
-    """Check the EP degree once, before anything is built; errors name the field and both values."""
-    ep, e = cfg.parallel.ep_size, cfg.model.num_experts
-    fits = ", ".join(str(d) for d in range(1, min(e, world_size) + 1) if e % d == 0 and world_size % d == 0)
-    if e % ep != 0:
-        raise ConfigError(f"model.num_experts ({e}) must be divisible by parallel.ep_size ({ep}); "
-                          f"with {world_size} processes choose --ep-size from {fits}")
-    if world_size % ep != 0:
-        raise ConfigError(f"world size ({world_size}) must be divisible by parallel.ep_size ({ep}); "
-                          f"with {world_size} processes choose --ep-size from {fits}, "
-                          f"or launch a multiple of {ep} processes")
-    stage = zero_stage if zero_stage is not None else cfg.parallel.zero_stage
-    if ep > 1 and stage == 3:
-        raise ConfigError(f"--ep-size {ep} with ZeRO-3 is not supported (DeepSpeed's ZeRO-3 does not partition "
-                          f"expert-parallel layers outside AutoEP). Working combinations: {WORKING_COMBINATIONS}")
-
+from ..config import RunConfig
 
 def local_expert_ids(num_experts: int, ep_size: int, ep_rank: int) -> range:
     n = num_experts // ep_size
@@ -146,9 +125,10 @@ def _mark_as_deepspeed_moe(layer: nn.Module, group_name: str, num_experts: int, 
 
 
 def apply_expert_parallel(model: nn.Module, cfg: RunConfig, rt: Any) -> Optional[dict[str, Any]]:
-    """Shard the experts of every MoE layer over the EP group; no-op when ``ep_size == 1``."""
+    """Shard the experts of every MoE layer over the EP group; no-op when ``ep_size == 1``.
+
+    The degrees were checked by ``init_runtime`` (``dims.validate_ep``)."""
     ep = cfg.parallel.ep_size
-    validate_ep(cfg, rt.world_size, rt.zero_stage)
     if ep == 1:
         return None
     from deepspeed.utils import groups

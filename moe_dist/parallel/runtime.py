@@ -20,7 +20,8 @@ from ..config import RunConfig
 from ..logging_utils import get_logger, quiet_third_party
 from ..optim import param_groups, tag_parameters
 from .jit_locks import warn_stale_build_locks
-from .deepspeed_config import BatchLayout, batch_layout, build_ds_config, optimizer_kind, read_launch_json
+from .deepspeed_config import build_ds_config, optimizer_kind, read_launch_json
+from .dims import BatchLayout, batch_layout, validate_ep
 
 
 @dataclass
@@ -58,11 +59,18 @@ def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
     return path
 
 
+def select_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed which accelerator to use (``DS_ACCELERATOR``), before it is first imported: it
+    reads the variable once, at import. A value already set (a test, the user) wins."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                  accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
     """Create the Accelerator with a DeepSpeed plugin built from the launch JSON + RunConfig.
 
     ``accelerator_kwargs``: more arguments of ``Accelerator`` (the trackers, see moe_dist.trackers)."""
+    select_deepspeed_accelerator()  # first: Accelerate imports DeepSpeed below
     quiet_third_party()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         warn_stale_build_locks(get_logger().warning)  # before DeepSpeed's comm set-up loads its shm op
@@ -74,6 +82,9 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
     base = read_launch_json(_launch_json_path(deepspeed_config))
     ds_config = build_ds_config(cfg, base, world_size, on_gpu)
     layout = batch_layout(cfg, world_size)
+    # The one check of the degrees, with the ZeRO stage the launch JSON and flags resolve to; every
+    # rank refuses on its own, before any collective.
+    validate_ep(cfg, world_size, int(ds_config["zero_optimization"]["stage"]))
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     if world_size == 1:
         # Plain `python moe_dist/train.py`: DeepSpeed still wants a (single-rank) process group.
@@ -130,11 +141,11 @@ def build_engine(rt: Runtime, cfg: RunConfig,
     """The model every rank builds identically (same seed), sharded by EP, handed to DeepSpeed.
 
     ``init_weights(model)`` fills the full model before EP and ZeRO take their parts (--init-from)."""
-    from ..model import MoETransformer
+    from .. import model as lm
     from .expert_parallel import apply_expert_parallel
 
     torch.manual_seed(cfg.train.seed)
-    model = MoETransformer(cfg.model)
+    model = lm.build(cfg.model)
     if init_weights is not None:
         init_weights(model)
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from moe_dist.checkpoint import layout
-from moe_dist.checkpoint.cli import resolve_checkpoint
 
 from .harness import REPO_ROOT
 from .trainrun import FAST, TRAIN, metrics, train
@@ -99,7 +98,7 @@ def test_plain_python_run_sigterm_exit_75_and_the_run_folder(tmp_path):
     assert back.returncode == 0, back.stdout[-2000:] + back.stderr[-2000:]
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
     newest = out / "checkpoints" / layout.step_dir_name(step + 1)
-    assert resolve_checkpoint(str(out)) == newest.resolve() == layout.resolve_resume("auto", str(out)).resolve()
+    assert layout.find_checkpoint(str(out)) == newest.resolve() == layout.resolve_resume("auto", str(out)).resolve()
     (aside,) = tmp_path.glob("run.old-*")
     assert (aside / "checkpoints" / layout.step_dir_name(step + 2)).is_dir()  # moved, not deleted
 
@@ -121,11 +120,11 @@ def test_init_from_weights_on_another_layout(tmp_path):
 
     from moe_dist.cli import parse
     from moe_dist.inference import load_model_for_inference
-    from moe_dist.model import MoETransformer
+    from moe_dist import model as lm
 
     _, cfg = parse([*FAST, "--output-dir", str(tmp_path / "unused")])
     torch.manual_seed(99)
-    src = MoETransformer(cfg.model)
+    src = lm.build(cfg.model)
     pt = tmp_path / "weights.pt"
     torch.save({"model_state_dict": src.state_dict(), "config": cfg.to_dict(), "step": 500}, pt)
     out = tmp_path / "ft"
@@ -135,7 +134,7 @@ def test_init_from_weights_on_another_layout(tmp_path):
     model, _, step = load_model_for_inference(out / "checkpoints" / "checkpoint_latest")
     assert step == 1
     torch.manual_seed(cfg.train.seed)
-    fresh = MoETransformer(cfg.model)  # what the run would hold without --init-from
+    fresh = lm.build(cfg.model)  # what the run would hold without --init-from
     for name, w in model.state_dict().items():
         assert (w - src.state_dict()[name]).abs().max() < 1e-6, name
     assert any(not torch.equal(w, fresh.state_dict()[k]) for k, w in src.state_dict().items())

@@ -42,8 +42,12 @@ def test_discovery_ignores_incomplete_and_tmp(tmp_path):
         layout.resolve_resume(str(half), str(tmp_path))
     with pytest.raises(CheckpointError, match="no such file or folder"):
         layout.resolve_resume(str(tmp_path / "nope"), str(tmp_path))
-    with pytest.raises(CheckpointError, match="this is a run folder; give .*checkpoint_latest"):
-        layout.resolve_resume(str(tmp_path), str(tmp_path / "other"))
+    # a run folder and its checkpoints/ folder mean their newest complete checkpoint, whatever --output-dir
+    assert layout.resolve_resume(str(tmp_path), str(tmp_path / "other")).name == "checkpoint_step_10"
+    assert layout.resolve_resume(str(root), str(tmp_path / "other")).name == "checkpoint_step_10"
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^--resume .*empty: no complete checkpoint under .*empty/checkpoints$"):
+        layout.resolve_resume(str(tmp_path / "empty"), str(tmp_path))
     (tmp_path / "plain").mkdir()
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         layout.resolve_resume(str(tmp_path / "plain"), str(tmp_path))
@@ -104,8 +108,9 @@ def _republish_cut(tmp_path, new_complete: bool):
 
 def test_interrupted_republish_publishes_the_complete_new_copy(tmp_path):
     root = _republish_cut(tmp_path, new_complete=True)
-    with pytest.raises(CheckpointError, match=r"checkpoint_latest: the link points to checkpoint_step_4, which does "
-                                              r"not exist \(a save was interrupted\); use --resume auto"):
+    with pytest.raises(CheckpointError, match=r"checkpoint_latest: a link to checkpoint_step_4, which does "
+                                              r"not exist \(a save was interrupted\); give the run folder, or "
+                                              r"--resume auto"):
         layout.resolve_resume(str(root / layout.LATEST), str(tmp_path))
     assert layout.finish_interrupted_publish(root) == [
         "finished publishing checkpoint_step_4 (a save was killed between its renames)"]

@@ -202,7 +202,7 @@ def test_verify_and_resume_never_unpickle_code_from_metadata(run, tmp_path, caps
     import pickle
 
     from moe_dist.checkpoint.errors import CheckpointError
-    from moe_dist.checkpoint.zero_state import read_saved_keys
+    from moe_dist.checkpoint.dcp_state import read_saved_keys
 
     folder = layout.checkpoints_dir(str(run)) / layout.step_dir_name(10)
     marker = tmp_path / "pwned"

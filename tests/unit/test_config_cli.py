@@ -9,7 +9,8 @@ import pytest
 
 from moe_dist.cli import build_parser, config_help_text, parse
 from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset, load_config_file
-from moe_dist.parallel.deepspeed_config import batch_layout, build_ds_config, read_launch_json
+from moe_dist.parallel.deepspeed_config import build_ds_config, read_launch_json
+from moe_dist.parallel.dims import batch_layout
 
 
 def test_presets_mirror_the_seed():
@@ -126,7 +127,7 @@ def test_print_params_in_millions_for_small_models(capsys):
 
 
 def test_ep_size_hint_lists_degrees_that_fit_the_world():
-    from moe_dist.parallel.expert_parallel import validate_ep
+    from moe_dist.parallel.dims import validate_ep
 
     with pytest.raises(ConfigError, match=r"with 6 processes choose --ep-size from 1, 2$"):
         validate_ep(apply_overrides(get_preset("tiny"), {"ep_size": 3}), 6)  # 3 divides 6 but not 8 experts

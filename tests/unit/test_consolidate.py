@@ -19,12 +19,14 @@ import torch.distributed.checkpoint as dcp
 
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.fragment import box_view, flat_boxes
+from moe_dist.checkpoint.keys import FORMAT_VERSION
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.config import ModelConfig, RunConfig, TrainConfig
 from moe_dist.checkpoint.reader import Checkpoint, CheckpointReader
 from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_output
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
-from moe_dist.model import MoETransformer
+from moe_dist import model as lm
 
 from ..corrupt import flip_bits
 
@@ -32,26 +34,27 @@ TINY = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=48, num_expe
 
 
 def make_checkpoint(root: Path, model_kw: dict, step: int = 7, seed: int = 0, chunks: int = 1) -> tuple:
-    """A checkpoint as the trainer writes it: flattened fp32 params under ``model.*``, optimizer
-    states and RNG beside them, train_state.json, manifest, checkpoint_latest. ``chunks > 1``
-    stores every tensor as a ShardedTensor of uneven chunks (what many ZeRO ranks produce)."""
+    """A checkpoint as the trainer writes it: fp32 params in their own shapes under ``model.*`` (a
+    tied head under both names), optimizer states beside them, train_state.json, manifest,
+    checkpoint_latest. ``chunks > 1`` stores every tensor as a ShardedTensor of the boxes of
+    uneven flat runs (what many ZeRO ranks produce)."""
     torch.manual_seed(seed)
     cfg = RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(seq_len=model_kw["max_seq_len"]))
-    model = MoETransformer(cfg.model)
+    model = lm.build(cfg.model)
     folder = root / "checkpoints" / layout.step_dir_name(step)
     folder.mkdir(parents=True)
-    flat = {"model." + k: p.detach().flatten().float() for k, p in model.named_parameters()}
-    sd = dict(flat)
-    sd.update({"optim.exp_avg." + k[6:]: torch.randn(v.numel()) for k, v in flat.items()})
-    sd["optim_scalar.step.x"] = torch.tensor(3.0, dtype=torch.float64)
-    sd["rng.rank0.torch"] = torch.get_rng_state()
+    params = {"model." + k: p.detach().float() for k, p in model.named_parameters(remove_duplicate=False)}
+    sd = dict(params)
+    for k, v in model.named_parameters():
+        sd[f"optim.state.{k}.exp_avg"] = torch.randn(v.shape)
+        sd[f"optim.state.{k}.step"] = torch.tensor(3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
         if chunks > 1:
             _save_chunked(sd, folder, chunks)
         else:
             dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
-    state = {"step": step, "tokens": step * 64, "config": cfg.to_dict(),
+    state = {"format_version": FORMAT_VERSION, "step": step, "tokens": step * 64, "config": cfg.to_dict(),
              "tokenizer": {"type": "byte", "vocab_size": 257, "eos_id": 256},
              "metrics": {"last": {"step": step, "loss": 2.5}, "history": [{"step": s, "loss": 3.0 - s / 10}
                                                                          for s in range(1, step + 1)]},
@@ -72,13 +75,14 @@ def _save_chunked(sd: dict, folder: Path, chunks: int) -> None:
     try:
         out = {}
         for k, v in sd.items():
-            if k.startswith(("model.", "optim.")) and v.numel() >= chunks:
+            if v.dim() > 0 and v.numel() >= chunks:
                 cuts = sorted({0, v.numel(), *[(v.numel() * (i * i + 1)) // (chunks * chunks + 1)
                                                for i in range(1, chunks)]})
-                shards = [Shard(v[a:b].clone(), ShardMetadata([a], [b - a], "rank:0/cpu"))
-                          for a, b in zip(cuts, cuts[1:])]
-                md = ShardedTensorMetadata([s.metadata for s in shards], torch.Size([v.numel()]),
-                                           TensorProperties(dtype=v.dtype))
+                flat = v.reshape(-1)
+                shards = [Shard(box_view(flat, box, 0).clone(), ShardMetadata(list(box.offsets), list(box.sizes),
+                                                                             "rank:0/cpu"))
+                          for a, b in zip(cuts, cuts[1:]) for box in flat_boxes(tuple(v.shape), a, b - a)]
+                md = ShardedTensorMetadata([s.metadata for s in shards], v.shape, TensorProperties(dtype=v.dtype))
                 out[k] = ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
             else:
                 out[k] = v
@@ -184,11 +188,11 @@ def test_logits_equal_from_every_format(ckpt, tmp_path, capsys):
         got, _ = m(tokens, return_aux_loss=False)
         assert torch.equal(got, ref), src
         assert m.lm_head.weight is m.get_parameter(_emb(model))
-    fresh = MoETransformer(model.cfg)
+    fresh = lm.build(model.cfg)
     step, config, metrics = load_checkpoint(folder, fresh)
     assert (step, config["model"]["d_model"], metrics["last"]["loss"]) == (7, 32, 2.5)
     assert torch.equal(fresh.eval()(tokens, return_aux_loss=False)[0], ref)
-    other = MoETransformer(ModelConfig(**{**TINY, "num_experts": 2, "top_k": 1}))
+    other = lm.build(ModelConfig(**{**TINY, "num_experts": 2, "top_k": 1}))
     with pytest.raises(CheckpointError, match="does not match the checkpoint .*unexpected: layers.0.ffn.experts.2"):
         load_checkpoint(folder, other)
 
@@ -237,7 +241,9 @@ def test_verify_catches_a_changed_weight(ckpt, tmp_path, capsys):
 def test_chunked_checkpoint_is_assembled(tmp_path, capsys):
     model, folder = make_checkpoint(tmp_path, TINY, step=3, seed=5, chunks=3)
     md = CheckpointReader(folder).read_metadata().state_dict_metadata
-    assert len(md["model.layers.0.ffn.experts.3.w_up.weight"].chunks) == 3
+    chunks = md["model.layers.0.ffn.experts.3.w_up.weight"].chunks
+    # 3 uneven runs of a [48, 32] matrix, two cut mid-row: 5 boxes of the matrix's own shape
+    assert len(chunks) == 5 and all(len(c.sizes) == 2 for c in chunks)
     out = tmp_path / "c.pt"
     assert _run([str(folder), "-o", str(out), "--verify", "--read-budget", "20KB"], capsys)[0] == 0
     sd = torch.load(out, weights_only=True)["model_state_dict"]
@@ -256,7 +262,7 @@ def test_user_errors_are_one_line(ckpt, tmp_path, capsys):
     flip_bits(shard, mask=0xFF)
     cases = [
         ([str(tmp_path / "nope")], "no such file or folder"),
-        ([str(tmp_path / "plain")], "not a checkpoint (no .metadata file inside)"),
+        ([str(tmp_path / "plain")], "not a checkpoint (no .metadata, manifest.json or checkpoints/ inside)"),
         ([str(half)], "incomplete checkpoint (missing manifest.json)"),
         ([str(bad), "-o", str(tmp_path / "x.pt")], "differs from the manifest"),
         ([str(src), "-o", str(src / "in.pt")], "inside the checkpoint"),
@@ -287,7 +293,7 @@ def test_pickled_code_is_never_run(ckpt, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="refused: it pickles objects other than tensors"):
         load_model_for_inference(evil_pt)
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(evil_pt, MoETransformer(ModelConfig(**TINY)))
+        load_checkpoint(evil_pt, lm.build(ModelConfig(**TINY)))
     assert generate_main([str(evil_pt), "--max-new-tokens", "2"]) == 2
     assert "refused" in capsys.readouterr().err
     # DCP's own .metadata is a pickle too: it goes through an allow-list unpickler.

@@ -12,14 +12,14 @@ from moe_dist import init_from
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.config import apply_overrides, get_preset
 from moe_dist.export_hf import HF_MARKER, hf_tensor_name, mixtral_config
-from moe_dist.model import MoETransformer
+from moe_dist import model as lm
 
 SMALL = {"model.d_model": 32, "model.n_heads": 2, "model.d_ff": 32, "model.max_seq_len": 32, "train.seq_len": 32}
 
 
 def _model(cfg, seed):
     torch.manual_seed(seed)
-    return MoETransformer(cfg.model)
+    return lm.build(cfg.model)
 
 
 def _same(a, b):

@@ -48,10 +48,10 @@ def test_ns_flops_count_deepspeeds_matmuls(shape, method):
 def test_muon_matrices_are_the_models_muon_params(model):
     """Every shape Muon gets in the real model (optim.uses_muon), with its count, and nothing else."""
     pytest.importorskip("torch")
-    from moe_dist.model import MoETransformer
+    from moe_dist import model as lm
     from moe_dist.optim import uses_muon
 
-    net = MoETransformer(model)
+    net = lm.build(model)
     real = Counter(tuple(p.shape) for n, p in net.named_parameters() if uses_muon(n, p))
     ours = Counter()
     for x in muon_matrices(model):

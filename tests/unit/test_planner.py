@@ -18,8 +18,9 @@ import re
 
 import pytest
 
-from moe_dist.config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset
-from moe_dist.planner import (GiB, MODEL_STATE, Consumer, Hardware, build_parser, count_params, main,
+from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset
+from moe_dist.param_counts import count_params
+from moe_dist.planner import (GiB, MODEL_STATE, Consumer, Hardware, build_parser, main,
                               parse_bytes, peak, plan)
 
 ds_z2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
@@ -34,39 +35,6 @@ def run_cfg(preset: str, world: int, **over) -> RunConfig:
     over = {k.replace("__", "."): v for k, v in over.items()}
     over.setdefault("train.global_batch_size", over.get("train.micro_batch_size", cfg.train.micro_batch_size) * world)
     return apply_overrides(cfg, over)
-
-
-# --------------------------------------------------------------------------- parameter counts
-def _torch_mirror_count(m: ModelConfig) -> int:
-    """Build the architecture the planner describes from torch modules and count."""
-    from torch import nn
-
-    d, kvd, mats = m.d_model, m.kv_heads * m.head_dim, 3 if m.expert_type == "swiglu" else 2
-    lin = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
-    expert = lambda: nn.ModuleList([lin(d, m.d_ff) for _ in range(mats - 1)] + [lin(m.d_ff, d)])  # noqa: E731
-    mods = [nn.Embedding(m.vocab_size, d), nn.LayerNorm(d, bias=False)]
-    if not m.tie_embeddings:
-        mods.append(lin(d, m.vocab_size))
-    for _ in range(m.n_layers):
-        mods += [lin(d, d), lin(d, kvd), lin(d, kvd), lin(d, d), nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False),
-                 lin(d, m.num_experts)] + [expert() for _ in range(m.num_experts + int(m.shared_expert))]
-    return sum(p.numel() for mod in mods for p in mod.parameters())
-
-
-@pytest.mark.parametrize("model", [
-    get_preset("tiny").model,
-    ModelConfig(vocab_size=1000, d_model=64, n_layers=3, n_heads=8, n_kv_heads=2, d_ff=96, num_experts=4, top_k=1,
-                expert_type="silu_mlp", shared_expert=True, tie_embeddings=False),
-])
-def test_param_count_matches_torch_modules(model):
-    assert count_params(model).total == _torch_mirror_count(model)
-
-
-def test_preset_param_counts():
-    pc = count_params(get_preset("18b").model)
-    assert 18.5e9 < pc.total < 18.7e9                      # "~18.6B parameters" (config.py)
-    assert pc.experts == 16 * 8 * 3 * 4096 * 11008
-    assert pc.largest_module == 50304 * 4096                # the embedding is ZeRO-3's largest gather
 
 
 # --------------------------------------------------------------------------- DeepSpeed's estimators

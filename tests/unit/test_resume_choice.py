@@ -10,6 +10,7 @@ import os
 import pytest
 
 from moe_dist.checkpoint import layout
+from moe_dist.checkpoint.keys import FORMAT_VERSION
 from moe_dist.checkpoint.errors import CheckpointError, IncompatibleCheckpoint
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.checkpoint.resume import choose_resume, preflight_resume
@@ -27,7 +28,7 @@ def _ckpt(cfg, step, model=None):
     d = layout.checkpoints_dir(cfg.checkpoint.output_dir) / layout.step_dir_name(step)
     d.mkdir(parents=True)
     (d / layout.DCP_METADATA).write_bytes(b"meta")
-    state = {"step": step, "config": {"model": dataclasses.asdict(model or cfg.model)},
+    state = {"format_version": FORMAT_VERSION, "step": step, "config": {"model": dataclasses.asdict(model or cfg.model)},
              "sampler": {"global_batch_size": cfg.train.global_batch_size}}
     (d / layout.TRAIN_STATE).write_text(json.dumps(state))
     (d / "__0_0.distcp").write_bytes(bytes(range(256)) * 8)
@@ -106,4 +107,19 @@ def test_an_explicit_damaged_checkpoint_is_refused_not_replaced(tmp_path):
     _flip(bad)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(bad)))
     with pytest.raises(CheckpointError, match="SHA-256"):
+        choose_resume(cfg, checksums=True)
+
+
+def test_another_format_version_is_refused_never_skipped(tmp_path):
+    """A checkpoint whose shards are laid out another way is refused naming the field and both
+    values, even when an older one would load: the older ones were written the same way."""
+    cfg = _cfg(tmp_path)
+    _ckpt(cfg, 2)
+    newest = _ckpt(cfg, 4)
+    state = json.loads((newest / layout.TRAIN_STATE).read_text())
+    state["format_version"] = 1
+    (newest / layout.TRAIN_STATE).write_text(json.dumps(state))
+    write_manifest(newest, {"step": 4})
+    with pytest.raises(IncompatibleCheckpoint, match=r"train_state.json: format_version is 1, this moe_dist reads "
+                                                     r"checkpoints of format 2 only"):
         choose_resume(cfg, checksums=True)
