@@ -156,7 +156,7 @@ class Checker:
     @staticmethod
     def planned_gpu_bytes(preset: str, launch_json: Path) -> int:
         from moe_dist.config import get_preset
-        from moe_dist.parallel.deepspeed_config import read_launch_json
+        from moe_dist.parallel.deepspeed.config import read_launch_json
         from moe_dist.planner import Hardware, plan
 
         import torch

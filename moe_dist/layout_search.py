@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import ConfigError, RunConfig
-from .parallel.deepspeed_config import read_launch_json
+from .parallel.deepspeed.config import read_launch_json
 from .param_counts import count_params
 from .planner import (Hardware, Plan, config_from_args, fmt_bytes, fmt_count, parse_bytes, plan,
                       render)

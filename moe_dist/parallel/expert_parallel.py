@@ -1,24 +1,13 @@
 """Expert parallelism (EP): each of the ``ep_size`` ranks of an EP group holds ``E / ep_size`` experts.
 
-Applied from outside the model (the model knows nothing of it):
+Applied from outside the model (the model knows nothing of it), and engine-neutral: the engine
+creates the groups and tells its optimizer about expert parameters (DeepSpeed:
+``parallel/deepspeed/experts.py``), then :func:`shard_experts`
 
-1. DeepSpeed's own groups (``deepspeed.utils.groups``) define who holds which experts: EP groups
-   ``[0,1], [2,3], ...`` (all-to-all inside) and expert-data-parallel groups ``[0,2], [1,3], ...``
-   (gradient reduction of expert params).
-2. Non-local experts are deleted from each layer's ``experts`` ModuleDict. Keys are global expert
-   indices, so parameter names (and checkpoint keys) stay global: no two EP ranks share a key.
-3. Expert params are tagged the way DeepSpeed's MoE expects (``allreduce=False``, ``group_name``)
-   and each MoE layer is marked as a DeepSpeed ``MoE`` module, so the engine splits optimizer
-   groups into expert / non-expert and ZeRO-1/2 reduces and partitions expert gradients over the
-   expert-data-parallel group only.
-4. The layer's dispatcher is replaced by :class:`ExpertParallelDispatcher`: counts first, then
+1. deletes non-local experts from each layer's ``experts`` ModuleDict. Keys are global expert
+   indices, so parameter names (and checkpoint keys) stay global: no two EP ranks share a key;
+2. replaces the layer's dispatcher with :class:`ExpertParallelDispatcher`: counts first, then
    tokens, through ``all_to_all``; results come back the same way.
-
-Gradient scale: an expert's local gradient already sums the contributions of every EP rank's
-tokens (the all-to-all backward brings them home); DeepSpeed then sums it over the
-expert-data-parallel group and divides by the full data-parallel world size, which gives exactly
-the gradient of the global mean loss. ``tests/distributed/test_expert_parallel.py`` checks this
-against EP = 1, expert by expert.
 
 Legend: T tokens on this rank, K top-k, D d_model, E global experts, El local experts,
 A assignments sent (sum of kept T*K), R assignments received.
@@ -32,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RunConfig
 
 def local_expert_ids(num_experts: int, ep_size: int, ep_rank: int) -> range:
     n = num_experts // ep_size
@@ -102,50 +90,13 @@ class ExpertParallelDispatcher:
         return y_TD, dropped
 
 
-def _mark_as_deepspeed_moe(layer: nn.Module, group_name: str, num_experts: int, num_local: int, ep_size: int) -> None:
-    """Make DeepSpeed's engine recognise ``layer`` as an MoE layer (``isinstance(m, deepspeed.moe.layer.MoE)``).
-
-    The engine keys its expert handling (optimizer group split, expert-data-parallel gradient
-    reduction) on that isinstance check. Our layer keeps its own forward and parameter names; the
-    subclass only adds DeepSpeed's type and the attributes the engine reads.
-    """
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    def set_deepspeed_parallelism(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-        """The engine calls this to build EP groups; ours exist already (see apply_expert_parallel)."""
-
-    cls = type(layer)
-    if not isinstance(layer, DeepSpeedMoE):
-        layer.__class__ = type(f"DeepSpeedMarked{cls.__name__}", (cls, DeepSpeedMoE),
-                               {"set_deepspeed_parallelism": set_deepspeed_parallelism})
-    layer.num_experts = num_experts
-    layer.num_local_experts = num_local
-    layer.expert_group_name = group_name
-    layer.ep_size = ep_size
-
-
-def apply_expert_parallel(model: nn.Module, cfg: RunConfig, rt: Any) -> Optional[dict[str, Any]]:
-    """Shard the experts of every MoE layer over the EP group; no-op when ``ep_size == 1``.
-
-    The degrees were checked by ``init_runtime`` (``dims.validate_ep``)."""
-    ep = cfg.parallel.ep_size
-    if ep == 1:
-        return None
-    from deepspeed.utils import groups
-
-    group_name = f"ep_size_{ep}"
-    if group_name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
-    ep_group = groups._get_expert_parallel_group(group_name)
-    ep_rank = groups._get_expert_parallel_rank(group_name)
-    keep = local_expert_ids(cfg.model.num_experts, ep, ep_rank)
+def shard_experts(model: nn.Module, num_experts: int, ep_group: Any, ep_size: int, ep_rank: int) -> range:
+    """Keep this EP rank's experts in every MoE layer and route through ``ep_group``; returns the
+    global ids kept."""
+    keep = local_expert_ids(num_experts, ep_size, ep_rank)
     for layer in model.moe_layers():
         for key in list(layer.experts.keys()):
             if int(key) not in keep:
                 del layer.experts[key]
-        for p in layer.experts.parameters():
-            p.allreduce = False
-            p.group_name = group_name
-        layer.dispatcher = ExpertParallelDispatcher(ep_group, ep, ep_rank, cfg.model.num_experts)
-        _mark_as_deepspeed_moe(layer, group_name, cfg.model.num_experts, len(keep), ep)
-    return {"group_name": group_name, "ep_rank": ep_rank, "local_experts": list(keep)}
+        layer.dispatcher = ExpertParallelDispatcher(ep_group, ep_size, ep_rank, num_experts)
+    return keep

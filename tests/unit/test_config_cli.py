@@ -9,7 +9,7 @@ import pytest
 
 from moe_dist.cli import build_parser, config_help_text, parse
 from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset, load_config_file
-from moe_dist.parallel.deepspeed_config import build_ds_config, read_launch_json
+from moe_dist.parallel.deepspeed.config import build_ds_config, read_launch_json
 from moe_dist.parallel.dims import batch_layout
 
 
@@ -136,7 +136,7 @@ def test_ep_size_hint_lists_degrees_that_fit_the_world():
 
 
 def test_defaults_raise_no_grad_clip_warning(monkeypatch):
-    from moe_dist.parallel import deepspeed_config
+    from moe_dist.parallel.deepspeed import config as deepspeed_config
 
     seen = []
     monkeypatch.setattr(deepspeed_config, "warn_once", seen.append)

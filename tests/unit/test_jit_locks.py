@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from moe_dist.parallel import jit_locks
+from moe_dist.parallel.deepspeed import jit_locks
 
 
 def _lock(path, age_s):

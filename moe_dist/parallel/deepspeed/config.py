@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError, RunConfig
-from ..logging_utils import warn_once
-from .dims import batch_layout
+from ...config import ConfigError, RunConfig
+from ...logging_utils import warn_once
+from ..dims import batch_layout
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
