@@ -134,7 +134,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist import init_from as init_weights
     from moe_dist import run_artifacts, trackers
     from moe_dist.logging_utils import get_logger
-    from moe_dist.parallel.runtime import build_engine, init_runtime
+    from moe_dist.parallel.runtime import build_engine, check_layout, init_runtime
     from moe_dist.run_folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run_lock import hold_run_folder
     from moe_dist.trainer import Trainer
@@ -142,6 +142,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
 
     stop_at = cfg.checkpoint.stop_at_step
     report_to = trackers.requested(cfg)  # a tracker that is not installed fails now
+    check_layout(cfg, args.deepspeed_config)  # a wrong --ep-size or batch fails now, before the run folder exists
     _check_output_dir(cfg.checkpoint.output_dir)
     rt = init_runtime(cfg, args.deepspeed_config, trackers.accelerator_kwargs(report_to, cfg.checkpoint.output_dir))
     # One live writer per folder: a second run stops here, on every rank, before it reads the folder.

@@ -45,6 +45,13 @@ class Runtime:
         return optimizer_kind(self.ds_config)
 
 
+def check_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> None:
+    """Refuse wrong degrees or batch sizes before anything is created (no process group, no folder)."""
+    from .deepspeed.setup import resolve_layout
+
+    resolve_layout(cfg, deepspeed_config)
+
+
 def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                  accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
     """The process group, batch layout and engine config of this run (every rank calls it)."""

@@ -19,7 +19,7 @@ from torch import nn
 from ...config import RunConfig
 from ...logging_utils import get_logger, quiet_third_party
 from ...optim import param_groups, tag_parameters
-from ..dims import batch_layout, validate_ep
+from ..dims import BatchLayout, batch_layout, validate_ep
 from ..runtime import Runtime
 from .config import build_ds_config, read_launch_json
 from .jit_locks import warn_stale_build_locks
@@ -34,6 +34,18 @@ def _launch_json_path(explicit: Optional[str]) -> Optional[str]:
         if os.path.exists(candidate):
             return candidate
     return path
+
+
+def resolve_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> tuple[dict[str, Any], BatchLayout]:
+    """The DeepSpeed config and batch layout of this run, with the degrees checked: the one check,
+    with the ZeRO stage the launch JSON and flags resolve to. No process group: every rank refuses
+    on its own, before anything is created."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    base = read_launch_json(_launch_json_path(deepspeed_config))
+    ds_config = build_ds_config(cfg, base, world_size, torch.cuda.is_available())
+    layout = batch_layout(cfg, world_size)
+    validate_ep(cfg, world_size, int(ds_config["zero_optimization"]["stage"]))
+    return ds_config, layout
 
 
 def select_deepspeed_accelerator() -> None:
@@ -56,12 +68,7 @@ def init_deepspeed_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = Non
 
     on_gpu = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    base = read_launch_json(_launch_json_path(deepspeed_config))
-    ds_config = build_ds_config(cfg, base, world_size, on_gpu)
-    layout = batch_layout(cfg, world_size)
-    # The one check of the degrees, with the ZeRO stage the launch JSON and flags resolve to; every
-    # rank refuses on its own, before any collective.
-    validate_ep(cfg, world_size, int(ds_config["zero_optimization"]["stage"]))
+    ds_config, layout = resolve_layout(cfg, deepspeed_config)
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     if world_size == 1:
         # Plain `python moe_dist/train.py`: DeepSpeed still wants a (single-rank) process group.
