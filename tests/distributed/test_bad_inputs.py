@@ -208,6 +208,7 @@ def test_ep_size_that_does_not_divide_world(tmp_path):
     line = refused(tmp_path / "out", "--ep-size", "2")
     assert line == ("error: world size (1) must be divisible by parallel.ep_size (2); with 1 processes choose "
                     "--ep-size from 1, or launch a multiple of 2 processes")
+    assert not (tmp_path / "out").exists(), "a refused layout must not leave a run folder behind"
 
 
 @pytest.mark.parametrize("where", ["below_a_file", "is_a_file"])
