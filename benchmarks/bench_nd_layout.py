@@ -18,6 +18,10 @@ warm-up round dropped), medians reported:
 * load on ``--load-world`` (3) ranks into a template of the same kind with another split;
 * load in one process (``no_dist=True``) into one plain tensor of the whole parameter ([N] or S).
 
+Loads have a third contender, ``N-D, read once``: the N-D checkpoint through a reader that unpickles
+each saved item once per ``read_data`` (DCP's ``FileSystemReader`` unpickles it again for every read
+item cut from it, and an N-D rank's boxes cut several from one saved block).
+
 Loads read what the last save of each layout wrote, from the page cache (nothing here drops it).
 Phases come from timing wrappers around DCP's own planner and storage classes: ``build`` (the
 ShardedTensors), ``plan`` (local + global plan, planner and storage), ``io`` (``write_data`` /
