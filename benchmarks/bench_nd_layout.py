@@ -18,9 +18,10 @@ warm-up round dropped), medians reported:
 * load on ``--load-world`` (3) ranks into a template of the same kind with another split;
 * load in one process (``no_dist=True``) into one plain tensor of the whole parameter ([N] or S).
 
-Loads have a third contender, ``N-D, read once``: the N-D checkpoint through a reader that unpickles
-each saved item once per ``read_data`` (DCP's ``FileSystemReader`` unpickles it again for every read
-item cut from it, and an N-D rank's boxes cut several from one saved block).
+Loads have a third contender, ``N-D, read once``: the N-D checkpoint through moe_dist's own
+``CheckpointReader``, which unpickles each saved block once per ``read_data`` (DCP's
+``FileSystemReader`` unpickles it again for every piece cut from it, and an N-D rank's boxes cut
+several from one saved block). Checkpoint loads in moe_dist (resume, consolidate, inference) use it.
 
 Loads read what the last save of each layout wrote, from the page cache (nothing here drops it).
 Phases come from timing wrappers around DCP's own planner and storage classes: ``build`` (the
@@ -50,7 +51,7 @@ from typing import Any, Iterator
 from .common import fmt, interleave, machine_info, median, ratio, spread
 
 LAYOUTS = ("1-D", "N-D")
-READ_ONCE = "N-D, read once"  # the N-D checkpoint through a reader that unpickles each saved item once
+READ_ONCE = "N-D, read once"  # the N-D checkpoint through moe_dist's CheckpointReader (each saved block once)
 LOADS = {"1-D": ("1-D", "reader"), "N-D": ("N-D", "reader"), READ_ONCE: ("N-D", "once_reader")}
 PHASES = ("build", "plan", "io", "meta", "other")
 
@@ -191,39 +192,24 @@ def timed_dcp(t: dict[str, float]) -> dict[str, type]:
                 fut.wait()
             return fut
 
-    class OnceReader(Reader):
-        """Deserializes each saved item once per ``read_data`` and serves every read item cut from
-        it (DCP's ``FileSystemReader`` unpickles the whole saved item again for each read item)."""
+    from moe_dist.checkpoint.reader import CheckpointReader
+
+    class OnceReader(CheckpointReader):
+        """The project's reader (``moe_dist.checkpoint.reader``): each saved block unpickled once
+        per ``read_data``, every piece cut from it (DCP's ``FileSystemReader`` unpickles the whole
+        block again for each piece)."""
+
+        def read_metadata(self, *args, **kwargs):
+            with clock(t, "meta"):
+                return super().read_metadata(*args, **kwargs)
 
         def read_data(self, plan, planner):
-            import torch
-            from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
-
-            groups: dict[tuple[str, int], list] = {}
-            rest = []  # bytes and transformed items: DCP's own path
-            for ri in plan.items:
-                md = self.storage_data[ri.storage_index]
-                if ri.type == LoadItemType.BYTE_IO or md.transform_descriptors:
-                    rest.append(ri)
-                else:
-                    groups.setdefault((md.relative_path, md.offset), []).append(ri)
-            t["MB deserialized"] = sum(self.storage_data[g[0].storage_index].length for g in groups.values()) / 2 ** 20
+            blocks = {(self.storage_data[ri.storage_index].relative_path, self.storage_data[ri.storage_index].offset):
+                      self.storage_data[ri.storage_index].length for ri in plan.items}
+            t["MB deserialized"] = sum(blocks.values()) / 2 ** 20
             with clock(t, "io"):
-                if rest:
-                    FileSystemReader.read_data(self, LoadPlan(rest), planner).wait()
-                for (path, offset), reqs in sorted(groups.items()):
-                    with self.fs.create_stream(self.fs.concat_path(self.path, path), "rb") as f:
-                        piece = self._slice_file(f, self.storage_data[reqs[0].storage_index])  # as DCP reads it
-                        saved = torch.load(piece, map_location="cpu", weights_only=True)
-                    for ri in reqs:
-                        dst = planner.resolve_tensor(ri).detach()
-                        src = saved
-                        for dim, (o, n) in enumerate(zip(ri.storage_offsets, ri.lengths)):
-                            src = src.narrow(dim, o, n)
-                        dst.copy_(src)
-                        planner.commit_tensor(ri, dst)
-            fut = Future()
-            fut.set_result(None)
+                fut = super().read_data(plan, planner)
+                fut.wait()
             return fut
 
     return {"save_planner": SavePlanner, "writer": Writer, "load_planner": LoadPlanner, "reader": Reader,
