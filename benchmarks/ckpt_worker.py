@@ -7,7 +7,8 @@ may be chained (``--mode bench,stall``): all ranks run the same sequence, rank 0
 
 * ``bench`` (section 2): train ``--steps`` steps so optimizer states exist, then time, on the
   same engine, interleaved over ``--reps`` repetitions, each contender's save and load of the
-  full training state: our ``CheckpointManager`` (DCP + manifest), bare DCP
+  full training state: our ``CheckpointManager`` (DCP + manifest; its load checks the manifest's
+  checksums first, as a resume does, and is timed phase by phase: ``phase_timer``), bare DCP
   (``zero_state_dict`` + ``dcp.save``), DeepSpeed's ``engine.save_checkpoint`` /
   ``load_checkpoint``, ``torch.save`` of the full state gathered on rank 0 (loaded back with
   ``torch.load`` on every rank), and the raw disk: the same bytes written (with fsync) and read
@@ -24,13 +25,15 @@ may be chained (``--mode bench,stall``): all ranks run the same sequence, rank 0
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,6 +106,46 @@ def on_rank0(fn: Callable[[], Any]) -> None:
     barrier()
 
 
+# (module, attribute) whose time inside one of our saves / loads is reported as a phase; a name
+# that is missing (renamed) is skipped, not an error.
+SAVE_PHASES = {"save: DCP write (incl. fsync)": ("torch.distributed.checkpoint", "save"),
+               "save: fsync (every file and folder)": ("os", "fsync"),
+               "save: hash own shards": ("moe_dist.checkpoint.manager", "own_shard_entries"),
+               "save: expert audit (rank 0)": ("moe_dist.checkpoint.manager", "audit_experts"),
+               "save: manifest (rank 0)": ("moe_dist.checkpoint.manager", "write_manifest"),
+               "save: rename + latest (rank 0)": ("moe_dist.checkpoint.layout", "publish")}
+LOAD_PHASES = {"load: DCP read": ("torch.distributed.checkpoint", "load"),
+               "load: into ZeRO fragments": ("moe_dist.checkpoint.manager", "load_zero_state_dict")}
+
+
+@contextlib.contextmanager
+def phase_timer(targets: dict[str, tuple[str, str]]) -> Iterator[dict[str, float]]:
+    """Seconds this rank spends inside each target function while the block runs (wrapped, then restored)."""
+    seconds: dict[str, float] = {}
+    restore: list[tuple[Any, str, Any]] = []
+
+    def wrap(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
+        return timed
+
+    for label, (module, attr) in targets.items():
+        obj = importlib.import_module(module)
+        if hasattr(obj, attr):
+            seconds[label] = 0.0
+            restore.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, wrap(label, getattr(obj, attr)))
+    try:
+        yield seconds
+    finally:
+        for obj, attr, fn in reversed(restore):
+            setattr(obj, attr, fn)
+
+
 # ----------------------------------------------------------------------------- contenders
 def gather_full_state(engine: Any) -> Optional[dict[str, torch.Tensor]]:
     """Every rank's ZeRO fragments assembled into full tensors on rank 0 (None elsewhere).
@@ -150,20 +193,33 @@ class Contenders:
             self.bytes[name] = dir_bytes(path)
 
     def ours(self) -> dict[str, float]:
+        """Save, then load as a resume does: rank 0 verifies the manifest (sizes + checksums, as
+        ``choose_resume`` with ``checkpoint.verify``) while the others wait, then every rank loads;
+        and the load alone (verify off). Each phase's share of rank 0's time is reported too."""
+        from moe_dist.checkpoint.manifest import verify_manifest
+
         ckpt = self.b.ckpt
         saved: list[Path] = []
-        out = {"save": synced(lambda: saved.append(ckpt.save()))}
+        with phase_timer(SAVE_PHASES) as save_parts:
+            out = {"save": synced(lambda: saved.append(ckpt.save()))}
         path = saved[0]
         self._record_bytes("ours: CheckpointManager", path)
-        out["load"] = synced(lambda: ckpt.load(path))  # checkpoint.verify: manifest sizes + SHA-256 first
-        verify = ckpt.cfg.checkpoint.verify
-        ckpt.cfg.checkpoint.verify = False
-        try:
-            out["load (verify off)"] = synced(lambda: ckpt.load(path))
-        finally:
-            ckpt.cfg.checkpoint.verify = verify
+
+        def verified_load() -> None:
+            t0 = time.perf_counter()
+            if dist.get_rank() == 0:
+                verify_manifest(path)
+            load_parts["load: verify (rank 0)"] = time.perf_counter() - t0
+            barrier()
+            ckpt.load(path)
+
+        load_parts: dict[str, float] = {}
+        with phase_timer(LOAD_PHASES) as timed:
+            out["load"] = synced(verified_load)
+        load_parts.update(timed)
+        out["load (verify off)"] = synced(lambda: ckpt.load(path))
         on_rank0(lambda: shutil.rmtree(ckpt.root, ignore_errors=True))
-        return out
+        return {**out, **save_parts, **load_parts}
 
     def bare_dcp(self) -> dict[str, float]:
         import torch.distributed.checkpoint as dcp
@@ -282,8 +338,16 @@ def mode_load(b: SimpleNamespace, reps: int, ckpt_path: Path) -> dict[str, Any]:
     ckpt = b.ckpt
     first = synced(lambda: ckpt.load(ckpt_path))  # also materialises the fresh engine's optimizer states
 
-    def load_verified() -> float:
-        return synced(lambda: ckpt.load(ckpt_path))
+    def load_verified() -> float:  # as a resume with checkpoint.verify: rank 0 checks the manifest first
+        from moe_dist.checkpoint.manifest import verify_manifest
+
+        def run() -> None:
+            if dist.get_rank() == 0:
+                verify_manifest(ckpt_path)
+            barrier()
+            ckpt.load(ckpt_path)
+
+        return synced(run)
 
     def load_unverified() -> float:
         verify = ckpt.cfg.checkpoint.verify
@@ -293,7 +357,7 @@ def mode_load(b: SimpleNamespace, reps: int, ckpt_path: Path) -> dict[str, Any]:
         finally:
             ckpt.cfg.checkpoint.verify = verify
 
-    runs = interleave({"load": load_unverified, "load + SHA-256 check": load_verified}, reps)
+    runs = interleave({"load": load_unverified, "load + checksum check": load_verified}, reps)
     return {"first_load": first, "runs": runs, "step": b.trainer.state.step}
 
 
