@@ -11,7 +11,7 @@ engine, so both are measured side by side under the same load. Each step's train
 * **step with save - normal step**: the brief's definition, whole steps; on a shared machine the
   step time itself varies by more than a stall, so this one is noisy;
 * **publish s / ckpt**: extra checkpoint-part time of the other steps of the block (an async save
-  is published, manifest SHA-256 included, from a later step's ``after_step``); **blocked** = stall
+  is published, manifest checksums included, from a later step's ``after_step``); **blocked** = stall
   + publish, the loop time one checkpoint takes;
 * **train step after save / baseline**: training-part time of the steps following a save, relative
   to the baseline (a background write competes with them for the CPUs).

@@ -4,7 +4,7 @@ Each contender runs as its own process under ``benchmarks.peak_rss`` (a fresh pa
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is that run's peak) on the same world-2 checkpoints of
 several model sizes (section 2's, or saved here), interleaved, median of the repetitions:
 
-* ``moe-consolidate CKPT -o OUT.pt`` (default: checks the manifest's sizes and SHA-256 first);
+* ``moe-consolidate CKPT -o OUT.pt`` (default: checks the manifest's sizes and checksums first);
 * the same with ``--no-verify-manifest`` (the work comparable to the next one; full mode only);
 * ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(CKPT, OUT)``: DCP's own converter;
   it loads *every* key (optimizer states included) into memory and writes them all;

@@ -28,9 +28,9 @@ def run(ctx: Context) -> Section:
             for world in order:
                 print(f"  {size}: load on {world} rank(s), round {r + 1}/{rounds}", flush=True)
                 out = _worker(ctx, size, "load", world, reps, "--ckpt", str(ckpt))["load"]
-                acc = res.setdefault((size, world), {"load": [], "load + SHA-256 check": [], "first": []})
+                acc = res.setdefault((size, world), {"load": [], "load + checksum check": [], "first": []})
                 acc["load"] += out["runs"]["load"]
-                acc["load + SHA-256 check"] += out["runs"]["load + SHA-256 check"]
+                acc["load + checksum check"] += out["runs"]["load + checksum check"]
                 acc["first"].append(out["first_load"])
     sec.data = {f"{s}/w{w}": v for (s, w), v in res.items()}
     rows = []
@@ -39,15 +39,15 @@ def run(ctx: Context) -> Section:
         for world in WORLDS:
             r = res[(size, world)]
             rows.append([size, world, "no (same world)" if world == 2 else "yes", fmt(median(r["load"])),
-                         spread(r["load"]), fmt(median(r["load + SHA-256 check"])), fmt(median(r["first"])),
+                         spread(r["load"]), fmt(median(r["load + checksum check"])), fmt(median(r["first"])),
                          ratio(median(r["load"]), base)])
-    sec.table(["size", "load world", "resharded", "load s (median)", "load s range", "load + SHA-256 check s",
+    sec.table(["size", "load world", "resharded", "load s (median)", "load s range", "load + checksum check s",
                "first load s", "load time / world-2 load"], rows,
               caption=f"CheckpointManager.load of the same world-2 checkpoint; {reps} loads per launch x {rounds} "
                       "round(s), launches rotated over the world sizes")
-    sec.note("'load' = CheckpointManager.load with checkpoint.verify off (manifest sizes only), i.e. reading the DCP "
+    sec.note("'load' = CheckpointManager.load without the manifest check, i.e. reading the DCP "
              "shards into this rank's ZeRO fragments (zero_load_template + dcp.load + load_zero_state_dict); the "
-             "SHA-256 check of every file (rank 0) is the same work on any world size. 'first load' also allocates "
+             "checksum check of every file (rank 0) is the same work on any world size. 'first load' also allocates "
              "the fresh optimizer's states. Ranks share the machine's 2 cores, so world 3 is oversubscribed.")
     fig, ax = new_figure()
     for size in sizes:

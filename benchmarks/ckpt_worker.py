@@ -7,8 +7,9 @@ may be chained (``--mode bench,stall``): all ranks run the same sequence, rank 0
 
 * ``bench`` (section 2): train ``--steps`` steps so optimizer states exist, then time, on the
   same engine, interleaved over ``--reps`` repetitions, each contender's save and load of the
-  full training state: our ``CheckpointManager`` (DCP + manifest), bare DCP
-  (``zero_state_dict`` + ``dcp.save``), DeepSpeed's ``engine.save_checkpoint`` /
+  full training state: our ``CheckpointManager`` (DCP + manifest; its load checks the manifest's
+  checksums first, as a resume does, and is timed phase by phase: ``phase_timer``), bare DCP
+  (``EngineCheckpoint`` + ``dcp.save``), DeepSpeed's ``engine.save_checkpoint`` /
   ``load_checkpoint``, ``torch.save`` of the full state gathered on rank 0 (loaded back with
   ``torch.load`` on every rank), and the raw disk: the same bytes written (with fsync) and read
   back by plain file I/O. Every save includes an fsync of what it wrote (DCP's ``sync_files``;
@@ -24,13 +25,15 @@ may be chained (``--mode bench,stall``): all ranks run the same sequence, rank 0
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,37 +104,83 @@ def on_rank0(fn: Callable[[], Any]) -> None:
     barrier()
 
 
+# (module, attribute) whose time inside one of our saves / loads is reported as a phase; a name
+# that is missing (renamed) is skipped, not an error.
+SAVE_PHASES = {"save: DCP write (incl. fsync)": ("torch.distributed.checkpoint", "save"),
+               "save: fsync (every file and folder)": ("os", "fsync"),
+               "save: hash own shards": ("moe_dist.checkpoint.manager", "own_shard_entries"),
+               "save: expert audit (rank 0)": ("moe_dist.checkpoint.manager", "audit_experts"),
+               "save: manifest (rank 0)": ("moe_dist.checkpoint.manager", "write_manifest"),
+               "save: rename + latest (rank 0)": ("moe_dist.checkpoint.layout", "publish")}
+LOAD_PHASES = {"load: DCP read": ("torch.distributed.checkpoint", "load"),
+               "load: model weights from the loaded masters": ("moe_dist.parallel.deepspeed.fragments",
+                                                               "sync_model_weights")}
+
+
+@contextlib.contextmanager
+def phase_timer(targets: dict[str, tuple[str, str]]) -> Iterator[dict[str, float]]:
+    """Seconds this rank spends inside each target function while the block runs (wrapped, then restored)."""
+    seconds: dict[str, float] = {}
+    restore: list[tuple[Any, str, Any]] = []
+
+    def wrap(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
+        return timed
+
+    for label, (module, attr) in targets.items():
+        obj = importlib.import_module(module)
+        if hasattr(obj, attr):
+            seconds[label] = 0.0
+            restore.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, wrap(label, getattr(obj, attr)))
+    try:
+        yield seconds
+    finally:
+        for obj, attr, fn in reversed(restore):
+            setattr(obj, attr, fn)
+
+
 # ----------------------------------------------------------------------------- contenders
 def gather_full_state(engine: Any) -> Optional[dict[str, torch.Tensor]]:
     """Every rank's ZeRO fragments assembled into full tensors on rank 0 (None elsewhere).
 
-    Keys as in ``zero_state`` (``model.<name>``, ``optim.<state>.<name>`` [numel],
-    ``optim_scalar.<state>.<name>``), so ``load_zero_state_dict`` can load the file back.
+    Nested as a checkpoint is (``{"model": {name: S}, "optim": {"state": {name: {state: S}}}}``),
+    so ``EngineCheckpoint.load_whole`` can load the file back.
     """
-    from moe_dist.checkpoint.zero_fragments import local_fragments
-    from moe_dist.checkpoint.zero_state import model_key, optim_key, scalar_key
-
-    pieces: list[tuple[str, int, int, torch.Tensor]] = []  # (key, offset, numel, [n] copy)
-    scalars: dict[str, float] = {}
-    for f in local_fragments(engine):
-        pieces.append((model_key(f.name), f.offset, f.numel, f.master.detach().clone()))
+    pieces: list[tuple[tuple[str, ...], int, tuple[int, ...], torch.Tensor]] = []  # (path, offset, shape, [n])
+    scalars: dict[tuple[str, ...], float] = {}
+    for f in engine.checkpoint_fragments():
+        pieces.append((("model", f.name), f.offset, f.shape, f.master.detach().clone()))
         for state, t in f.states.items():
-            pieces.append((optim_key(state, f.name), f.offset, f.numel, t.detach().clone()))
+            pieces.append((("optim", f.name, state), f.offset, f.shape, t.detach().clone()))
         for state, whole in f.whole_states.items():  # [N] on this rank: send the owned span only
-            pieces.append((optim_key(state, f.name), f.offset, f.numel, whole.narrow(0, f.offset, f.n).clone()))
+            pieces.append((("optim", f.name, state), f.offset, f.shape, whole.narrow(0, f.offset, f.n).clone()))
         for state, v in f.scalars().items():
-            scalars[scalar_key(state, f.name)] = float(v.item() if torch.is_tensor(v) else v)
+            scalars[("optim", f.name, state)] = float(v.item() if torch.is_tensor(v) else v)
     rank = dist.get_rank()
     gathered: Optional[list[Any]] = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object((pieces, scalars), gathered, dst=0)
     if rank != 0:
         return None
-    full: dict[str, torch.Tensor] = {}
+    full: dict[str, Any] = {"model": {}, "optim": {"state": {}}}
+
+    def slot(path: tuple[str, ...]) -> tuple[dict, str]:
+        if path[0] == "model":
+            return full["model"], path[1]
+        return full["optim"]["state"].setdefault(path[1], {}), path[2]
+
     for rank_pieces, rank_scalars in gathered:
-        for key, off, numel, t in rank_pieces:
-            full.setdefault(key, torch.empty(numel, dtype=t.dtype)).narrow(0, off, t.numel()).copy_(t)
-        for key, v in rank_scalars.items():
-            full[key] = torch.tensor(v, dtype=torch.float64)
+        for path, off, shape, t in rank_pieces:
+            where, key = slot(path)
+            where.setdefault(key, torch.empty(shape, dtype=t.dtype)).view(-1).narrow(0, off, t.numel()).copy_(t)
+        for path, v in rank_scalars.items():
+            where, key = slot(path)
+            where[key] = torch.tensor(v, dtype=torch.float32)
     return full
 
 
@@ -148,42 +197,54 @@ class Contenders:
             self.bytes[name] = dir_bytes(path)
 
     def ours(self) -> dict[str, float]:
+        """Save, then load as a resume does: rank 0 verifies the manifest (sizes + checksums, as
+        ``choose_resume`` with ``checkpoint.verify``) while the others wait, then every rank loads;
+        and the load alone (verify off). Each phase's share of rank 0's time is reported too."""
+        from moe_dist.checkpoint.manifest import verify_manifest
+
         ckpt = self.b.ckpt
         saved: list[Path] = []
-        out = {"save": synced(lambda: saved.append(ckpt.save()))}
+        with phase_timer(SAVE_PHASES) as save_parts:
+            out = {"save": synced(lambda: saved.append(ckpt.save()))}
         path = saved[0]
         self._record_bytes("ours: CheckpointManager", path)
-        out["load"] = synced(lambda: ckpt.load(path))  # checkpoint.verify: manifest sizes + SHA-256 first
-        verify = ckpt.cfg.checkpoint.verify
-        ckpt.cfg.checkpoint.verify = False
-        try:
-            out["load (verify off)"] = synced(lambda: ckpt.load(path))
-        finally:
-            ckpt.cfg.checkpoint.verify = verify
+
+        def verified_load() -> None:
+            t0 = time.perf_counter()
+            if dist.get_rank() == 0:
+                verify_manifest(path)
+            load_parts["load: verify (rank 0)"] = time.perf_counter() - t0
+            barrier()
+            ckpt.load(path)
+
+        load_parts: dict[str, float] = {}
+        with phase_timer(LOAD_PHASES) as timed:
+            out["load"] = synced(verified_load)
+        load_parts.update(timed)
+        out["load (verify off)"] = synced(lambda: ckpt.load(path))
         on_rank0(lambda: shutil.rmtree(ckpt.root, ignore_errors=True))
-        return out
+        return {**out, **save_parts, **load_parts}
 
     def bare_dcp(self) -> dict[str, float]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-        from moe_dist.checkpoint.zero_state import load_zero_state_dict, zero_load_template, zero_state_dict
+        from moe_dist.checkpoint.dcp_state import EngineCheckpoint, read_saved_keys
 
         engine, path = self.b.engine, self.root / "dcp"
         on_rank0(lambda: path.mkdir(parents=True, exist_ok=True))
 
         def save() -> None:
-            dcp.save(zero_state_dict(engine), storage_writer=FileSystemWriter(str(path), sync_files=True))
+            dcp.save(EngineCheckpoint(engine).for_save(), storage_writer=FileSystemWriter(str(path), sync_files=True))
 
         def load() -> None:
-            sd = zero_load_template(engine, checkpoint_path=str(path))
-            dcp.load(sd, storage_reader=FileSystemReader(str(path)))
-            load_zero_state_dict(engine, sd)
+            dcp.load(EngineCheckpoint(engine, saved=read_saved_keys(str(path))).for_load(),
+                     storage_reader=FileSystemReader(str(path)))
 
         return self._save_then_load("ours: bare DCP", path, save, load)
 
     def deepspeed(self) -> dict[str, float]:
-        engine, path = self.b.engine, self.root / "deepspeed"
+        engine, path = self.b.engine.ds, self.root / "deepspeed"  # the DeepSpeedEngine behind the seam
 
         def save() -> None:
             engine.save_checkpoint(str(path), tag="bench", client_state={}, save_latest=True)
@@ -207,7 +268,7 @@ class Contenders:
         return out
 
     def torch_save(self) -> dict[str, float]:
-        from moe_dist.checkpoint.zero_state import load_zero_state_dict
+        from moe_dist.checkpoint.dcp_state import EngineCheckpoint
 
         engine, path = self.b.engine, self.root / "full_state.pt"
         out: dict[str, float] = {}
@@ -226,7 +287,7 @@ class Contenders:
 
         def load() -> None:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            load_zero_state_dict(engine, sd)
+            EngineCheckpoint(engine).load_whole(sd)
 
         out["save"] = synced(save)
         out["save: gather part"] = box["gather"]
@@ -280,8 +341,16 @@ def mode_load(b: SimpleNamespace, reps: int, ckpt_path: Path) -> dict[str, Any]:
     ckpt = b.ckpt
     first = synced(lambda: ckpt.load(ckpt_path))  # also materialises the fresh engine's optimizer states
 
-    def load_verified() -> float:
-        return synced(lambda: ckpt.load(ckpt_path))
+    def load_verified() -> float:  # as a resume with checkpoint.verify: rank 0 checks the manifest first
+        from moe_dist.checkpoint.manifest import verify_manifest
+
+        def run() -> None:
+            if dist.get_rank() == 0:
+                verify_manifest(ckpt_path)
+            barrier()
+            ckpt.load(ckpt_path)
+
+        return synced(run)
 
     def load_unverified() -> float:
         verify = ckpt.cfg.checkpoint.verify
@@ -291,7 +360,7 @@ def mode_load(b: SimpleNamespace, reps: int, ckpt_path: Path) -> dict[str, Any]:
         finally:
             ckpt.cfg.checkpoint.verify = verify
 
-    runs = interleave({"load": load_unverified, "load + SHA-256 check": load_verified}, reps)
+    runs = interleave({"load": load_unverified, "load + checksum check": load_verified}, reps)
     return {"first_load": first, "runs": runs, "step": b.trainer.state.step}
 
 

@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-budget", default="32MB",
                    help="bytes per DCP read; peak memory is about this or the largest tensor (default 32MB)")
     p.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
-    p.add_argument("--no-verify-manifest", action="store_true", help="skip the checkpoint's size/SHA-256 check")
+    p.add_argument("--no-verify-manifest", action="store_true", help="skip the checkpoint's size/checksum check")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder to store in the output "
                    "instead of the checkpoint's own (e.g. an old checkpoint whose tokenizer folder is gone)")

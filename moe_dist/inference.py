@@ -95,7 +95,7 @@ def _safetensors_info(path: Path) -> CheckpointInfo:
 
 def checkpoint_info(path: str | Path, verify: bool = True) -> CheckpointInfo:
     """Identify what ``path`` is and read its step, config, metrics and tokenizer spec (no weights yet).
-    ``verify`` checks a DCP checkpoint's manifest (sizes and SHA-256)."""
+    ``verify`` checks a DCP checkpoint's manifest (sizes and checksums)."""
     p = Path(path)
     if not (p.exists() or p.is_symlink()):
         raise CheckpointError(f"{path}: no such file or folder")

@@ -4,7 +4,7 @@
 
     moe-ckpt info runs/r                                      # the run's newest complete checkpoint
     moe-ckpt info runs/r/checkpoints/checkpoint_step_500
-    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + SHA-256, expert audit
+    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, expert audit
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
@@ -101,9 +101,9 @@ def info_report(folder: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
-    """Manifest (sizes, SHA-256 unless ``checksums=False``) then the expert audit; the OK line."""
+    """Manifest (sizes, checksums unless ``checksums=False``) then the expert audit; the OK line."""
     from .audit import audit_experts
-    from .manifest import verify_manifest
+    from .manifest import HASH_NAME, verify_manifest
 
     layout.require_complete(folder)
     manifest = verify_manifest(folder, checksums=checksums)
@@ -121,7 +121,7 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
                               f"({e.__class__.__name__}: {e})") from None
     listed = manifest["files"]
     size = sum(m["size"] for m in listed.values())
-    what = "sizes and SHA-256" if checksums else "sizes (checksums skipped)"
+    what = f"sizes and checksums ({HASH_NAME})" if checksums else "sizes (checksums skipped)"
     return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what} match the "
             f"manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or the one-line problem.")
     ver.add_argument("path", metavar="PATH")
     ver.add_argument("--no-checksums", action="store_true",
-                     help="Check file sizes only, not SHA-256 (fast; misses flipped bits).")
+                     help="Check file sizes only, not checksums (fast; misses flipped bits).")
     return p
 
 

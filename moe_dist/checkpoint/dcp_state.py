@@ -320,6 +320,16 @@ class EngineCheckpoint:
                       f"fresh (zero) values, e.g. {skipped[:3]}; was it saved with another optimizer?")
         return _nest({**_build(runs, self.group, error), **plain})
 
+    def load_whole(self, state: dict[str, Any]) -> None:
+        """Write whole tensors (``{"model": {name: S}, "optim": {"state": {name: {state: S}}}}``, as
+        ``dcp_to_torch_save`` gives them) into the engine: each rank copies its own runs. Collective."""
+        if self.load_optimizer and state.get(OPTIM) and not self.engine.has_optimizer_state():
+            self.engine.materialize_optimizer_state()
+        self._fragments = self.engine.checkpoint_fragments()
+        self._apply(MODEL, state[MODEL])
+        if self.load_optimizer:
+            self._apply(OPTIM, state.get(OPTIM, {}))
+
     # -- applying what DCP loaded
     @torch.no_grad()
     def _apply(self, part: str, loaded: dict[str, Any]) -> None:

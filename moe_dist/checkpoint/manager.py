@@ -8,7 +8,7 @@ What a checkpoint holds:
   micro-batch reseeds from (seed, step, micro-batch), see ``trainer.micro_seed``.
 * ``train_state.json``: format version, step, tokens, the global data cursor, LR schedule, config,
   tokenizer, metrics, topology. Plain JSON: nothing in it is ever unpickled.
-* ``manifest.json``: sizes and SHA-256 of every file, written last (see ``manifest``).
+* ``manifest.json``: sizes and checksums (XXH3-128) of every file, written last (see ``manifest``).
 
 Saving is atomic (``layout``): shards go to a temp folder that is renamed into place only when
 complete, then ``checkpoint_latest`` moves.
@@ -36,8 +36,8 @@ from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
-from .manifest import config_hash, own_shard_entries, write_manifest
 from .keys import FORMAT_VERSION
+from .manifest import config_hash, own_shard_entries, without_zip_crc32, write_manifest
 from .reader import CheckpointReader, read_train_state
 from .resume import choose_resume
 from .dcp_state import EngineCheckpoint, read_saved_keys
@@ -72,11 +72,16 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
 
 
 class _FaultingWriter(FileSystemWriter):
-    """FileSystemWriter whose ``finish`` (DCP's metadata write) can be interrupted by a fault point."""
+    """FileSystemWriter whose ``finish`` (DCP's metadata write) can be interrupted by a fault point, and
+    whose shard writes skip torch.save's zip CRC-32 (the manifest checksums them: ``without_zip_crc32``)."""
 
     def __init__(self, path: str, step: int, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
         self.step = step
+
+    def write_data(self, plan, planner):  # noqa: ANN001 - DCP signature
+        with without_zip_crc32():  # the manifest checksums the shards; thread_count=1: written before returning
+            return super().write_data(plan, planner)
 
     def finish(self, metadata, results):  # noqa: ANN001 - DCP signature
         fault_point("before_metadata", self.step)

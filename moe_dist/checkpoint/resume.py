@@ -9,7 +9,7 @@ exists. A checkpoint of another architecture, global batch or format version is 
 older checkpoints of the same run would differ the same way, and the fix is the user's config.
 
 The checks come in two costs: sizes, JSON and config (a few stats, every rank, before anything is
-built, so a wrong ``--resume`` fails in seconds) and SHA-256 of every file (rank 0, once the
+built, so a wrong ``--resume`` fails in seconds) and the checksum of every file (rank 0, once the
 process group exists; ``--no-verify`` skips it).
 """
 

@@ -115,7 +115,7 @@ RESUME_CASES = [
     ("truncated_shard_no_verify", _truncate, "auto", ["--no-verify"],  # sizes are checked even then
      ["__0_0.distcp: size", "(truncated or modified copy)"]),
     ("bit_flipped_shard", _flip_bit, "auto", [],
-     ["__0_0.distcp: SHA-256", "differs from the manifest's", "(corrupted)"]),
+     ["__0_0.distcp: checksum (xxh3-128)", "differs from the manifest's", "(corrupted)"]),
 ]
 
 
@@ -256,7 +256,7 @@ def _assert_failed_save_left_step2_intact(out: Path, line: str, reason: str) -> 
     assert line.endswith("nothing was published, checkpoint_step_2 and checkpoint_latest are untouched"), line
     assert [s for s, _ in layout.complete_checkpoints(root)] == [2]
     assert (root / layout.LATEST).resolve() == (root / layout.step_dir_name(2)).resolve()
-    verify_manifest(root / layout.step_dir_name(2))  # sizes and SHA-256: the old checkpoint is whole
+    verify_manifest(root / layout.step_dir_name(2))  # sizes and checksums: the old checkpoint is whole
     assert layout.leftovers(root) == []  # the failed temp folder was removed
 
 

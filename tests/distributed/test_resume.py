@@ -115,7 +115,7 @@ def test_auto_falls_back_past_a_corrupt_newest_checkpoint(runs, tmp_path):
     shard = sorted((root / f"checkpoint_step_{STEPS}").glob("*.distcp"))[0]
     flip_bits(shard, shard.stat().st_size // 3, mask=0x04)
     log = train(run, 2, "--max-steps", str(STEPS), "--resume", "auto")[0].output
-    assert f"skipping a damaged checkpoint: {shard}: SHA-256" in log, log[-3000:]
+    assert f"skipping a damaged checkpoint: {shard}: checksum (xxh3-128)" in log, log[-3000:]
     assert f"resumed from {root / f'checkpoint_step_{HALF}'} at step {HALF}" in log
     a, b = by_step(metrics(ref)), by_step(metrics(run))
     for s in range(HALF + 1, STEPS + 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -71,11 +72,90 @@ def test_manifest_detects_truncation_and_bit_flips(tmp_path):
     verify_manifest(d)
     shard = d / "__0_0.distcp"
     flip_bits(shard, 100)
-    with pytest.raises(CheckpointError, match=r"__0_0.distcp: SHA-256 .* differs from the manifest"):
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checksum \(xxh3-128\) .* differs from the manifest"):
         verify_manifest(d)
     shard.write_bytes(shard.read_bytes()[:-10])  # the flipped bytes, 10 short
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: size 1014 bytes, manifest says 1024"):
         verify_manifest(d)
+
+
+def test_manifest_catches_one_flipped_bit_mid_shard_and_one_missing_byte(tmp_path):
+    d = _fake_ckpt(tmp_path, 7)
+    shard = d / "__1_0.distcp"
+    noise = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shard.write_bytes(noise.numpy().tobytes())  # 9 MiB: more than one 8 MiB block of the hash loop
+    write_manifest(d, {"step": 7})
+    verify_manifest(d)
+    whole, where = shard.read_bytes(), re.escape(str(shard))
+    flip_bits(shard, mask=0x10)  # one bit of the middle byte
+    with pytest.raises(CheckpointError, match=rf"^{where}: checksum \(xxh3-128\) [0-9a-f]{{12}}… differs from the "
+                                              r"manifest's [0-9a-f]{12}… \(corrupted\)"):
+        verify_manifest(d)
+    shard.write_bytes(whole[:-1])
+    with pytest.raises(CheckpointError, match=rf"^{where}: size {len(whole) - 1} bytes, manifest says {len(whole)} "
+                                              r"\(truncated"):
+        verify_manifest(d)
+    shard.write_bytes(whole)
+    verify_manifest(d)
+
+
+def test_checksum_is_the_same_mapped_in_windows_or_read(tmp_path, monkeypatch):
+    import mmap
+
+    import xxhash
+
+    from moe_dist.checkpoint import manifest
+
+    data = bytes(range(256)) * (10 << 12) + b"tail"  # 10 MiB + 4 bytes
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    expected = xxhash.xxh3_128(data).hexdigest()
+    assert manifest.file_checksum(tmp_path / "a") == expected
+    assert manifest.file_checksum(tmp_path / "empty") == xxhash.xxh3_128(b"").hexdigest()
+    monkeypatch.setattr(manifest, "_WINDOW", 1 << 20)  # 11 windows, the last one 4 bytes
+    assert manifest.file_checksum(tmp_path / "a") == expected
+
+    def no_mmap(*_a, **_k):
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    assert manifest.file_checksum(tmp_path / "a") == expected
+
+
+def test_shards_are_written_without_zip_crc32_and_still_load(tmp_path):
+    from moe_dist.checkpoint.manifest import without_zip_crc32
+
+    sd = {"w": torch.arange(1000, dtype=torch.float32)}
+    before = torch.serialization.get_crc32_options()
+    with pytest.raises(RuntimeError, match="boom"), without_zip_crc32():
+        assert torch.serialization.get_crc32_options() is False
+        raise RuntimeError("boom")
+    assert torch.serialization.get_crc32_options() == before  # restored, even after an error
+    with without_zip_crc32():
+        dcp.save(sd, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    back = {"w": torch.zeros(1000)}
+    dcp.load(back, checkpoint_id=str(tmp_path / "ck"), no_dist=True)  # DCP's reader does not check the CRC
+    assert torch.equal(back["w"], sd["w"])
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda m: m.update(hash="sha256"), "field 'hash' is 'sha256'"),
+    (lambda m: m.pop("hash") and m.update(format_version=1),
+     "field 'hash' is missing (a format_version 1 manifest: SHA-256, written by an older moe_dist)"),
+])
+def test_manifest_of_another_checksum_algorithm_is_refused(tmp_path, edit, found):
+    d = _fake_ckpt(tmp_path, 7)
+    path = d / layout.MANIFEST
+    m = json.loads(path.read_text())
+    assert m["hash"] == "xxh3_128" and m["format_version"] == 2
+    edit(m)
+    path.write_text(json.dumps(m))
+    msg = f"{path}: {found}, expected 'xxh3_128': this moe_dist checks only xxh3-128 checksums; use the moe_dist " \
+          "version that saved this checkpoint"
+    for checksums in (True, False):
+        with pytest.raises(CheckpointError) as e:
+            verify_manifest(d, checksums=checksums)
+        assert str(e.value) == msg
 
 
 def test_expert_audit(tmp_path):
@@ -152,11 +232,11 @@ def test_manifest_uses_each_ranks_own_hashes_and_rehashes_what_does_not_match(tm
     own = [manifest.own_shard_entries(folder, r) for r in (0, 1)]
     assert [sorted(o) for o in own] == [["__0_0.distcp"], ["__1_0.distcp", "__1_1.distcp"]]
     hashed: list[str] = []
-    real = manifest.sha256_file
-    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    real = manifest.file_checksum
+    monkeypatch.setattr(manifest, "file_checksum", lambda p: hashed.append(p.name) or real(p))
     stale = dict(own[1]["__1_1.distcp"], size=999)  # a precomputed entry for another size is not trusted
     written = manifest.write_manifest(folder, {"step": 1}, precomputed={**own[0], **own[1], "__1_1.distcp": stale})
     assert sorted(hashed) == [".metadata", "__1_1.distcp"]  # only what no rank hashed (or hashed stale)
     assert written["files"]["__1_0.distcp"] == own[1]["__1_0.distcp"]
-    monkeypatch.setattr(manifest, "sha256_file", real)
+    monkeypatch.setattr(manifest, "file_checksum", real)
     verify_manifest(folder)  # every entry, precomputed or not, is right

@@ -85,7 +85,7 @@ def test_verify_ok(run, capsys):
     code, out, err = cli(capsys, "verify", str(run))
     assert code == 0 and err == ""
     assert out.startswith(f"OK {run / 'checkpoints' / 'checkpoint_step_10'}: step 10, ")
-    assert "sizes and SHA-256 match the manifest; 2 experts x 1 layers each saved exactly once" in out
+    assert "sizes and checksums (xxh3-128) match the manifest; 2 experts x 1 layers each saved exactly once" in out
     code, out, _ = cli(capsys, "verify", str(run), "--no-checksums")
     assert code == 0 and "sizes (checksums skipped) match the manifest" in out
 
@@ -95,7 +95,7 @@ def test_verify_bit_flip_needs_checksums(run, capsys):
     flip_bits(shard)
     code, out, err = cli(capsys, "verify", str(run))
     assert code == 1 and out == ""
-    assert err.startswith(f"error: {shard}: SHA-256 ") and "differs from the manifest's" in err
+    assert err.startswith(f"error: {shard}: checksum (xxh3-128) ") and "differs from the manifest's" in err
     assert err.count("\n") == 1  # one line
     assert cli(capsys, "verify", str(run), "--no-checksums")[0] == 0  # sizes alone cannot see it
 

@@ -56,7 +56,7 @@ def test_auto_falls_back_past_a_bit_flip_and_says_which_file(tmp_path):
     warnings = []
     assert choose_resume(cfg, checksums=True, warn=warnings.append).name == "checkpoint_step_2"
     assert len(warnings) == 2
-    assert f"{bad / '__0_0.distcp'}: SHA-256" in warnings[0] and "(corrupted)" in warnings[0]
+    assert f"{bad / '__0_0.distcp'}: checksum (xxh3-128)" in warnings[0] and "(corrupted)" in warnings[0]
     assert "falling back to" in warnings[1] and "checkpoint_step_2" in warnings[1]
     assert bad.exists()  # left for inspection
     # Without checksums (the cheap every-rank preflight) a same-size bit flip is not seen: step 4.
@@ -82,7 +82,7 @@ def test_auto_with_every_checkpoint_damaged_refuses_with_the_newest_reason(tmp_p
     cfg = _cfg(tmp_path)
     for step in (2, 4):
         _flip(_ckpt(cfg, step))
-    with pytest.raises(CheckpointError, match=r"checkpoint_step_4/__0_0\.distcp: SHA-256 .*\(and 1 older one\(s\) "
+    with pytest.raises(CheckpointError, match=r"checkpoint_step_4/__0_0\.distcp: checksum \(xxh3-128\) .*\(and 1 older one\(s\) "
                                               r"damaged too\)"):
         choose_resume(cfg, checksums=True)
 
@@ -106,7 +106,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_not_replaced(tmp_path):
     bad = _ckpt(cfg, 4)
     _flip(bad)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(bad)))
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: checksum \(xxh3-128\) .* differs"):
         choose_resume(cfg, checksums=True)
 
 
