@@ -325,7 +325,9 @@ def test_file_size_limit_during_save(good_run, tmp_path, world):
     env = {"TEST_FSIZE_LIMIT": str(limit), "TEST_FSIZE_STEP": "4", "TEST_FSIZE_RANK": str(world - 1)}
     res = run_ranks(argv, world, timeout=180, env=env)
     line = _rank0_reports_save_failure(res)
-    # torch.save's zip writer swallows the EFBIG and reports a short write
-    _assert_failed_save_left_step2_intact(out, line, "a shard file was written short")
+    # The limit is hit either inside torch.save's zip writer, which swallows the EFBIG and reports a
+    # short write, or by a plain write, which raises it: which one depends on where the box lands.
+    reason = next((r for r in ("a shard file was written short", "File too large") if r in line), "neither reason")
+    _assert_failed_save_left_step2_intact(out, line, reason)
     if world == 2:
         assert "failed: rank 1: " in line, line
