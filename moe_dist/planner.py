@@ -180,7 +180,7 @@ def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_in
     ds = build_ds_config(cfg, launch if launch is not None else read_launch_json(None), n, hw.accelerator == "cuda")
     z = ds["zero_optimization"]
     stage = int(z["stage"])
-    validate_ep(cfg, n, stage)  # the trainer's own check (parallel.dims)
+    validate_ep(cfg, n)  # the trainer's own check (parallel.dims)
     zero = {k: float(z.get(k, v)) for k, v in DS_ZERO_DEFAULTS.items()}
     zero["overlap_comm"] = bool(z.get("overlap_comm", stage == 3))
     return Settings(

@@ -10,19 +10,14 @@ the trainer asks (does this EP degree fit? how many accumulation steps?) without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config import ConfigError, RunConfig
 
-WORKING_COMBINATIONS = ("ZeRO-1 or ZeRO-2 with any --ep-size dividing the world size and num_experts "
-                        "(optimizer offload included), or ZeRO-3 with --ep-size 1")
-
-
-def validate_ep(cfg: RunConfig, world_size: int, zero_stage: Optional[int] = None) -> None:
+def validate_ep(cfg: RunConfig, world_size: int) -> None:
     """Check the EP degree before anything is built; errors name the field and both values.
 
-    ``zero_stage``: the resolved stage (launch JSON + flags); None checks ``cfg.parallel.zero_stage``
-    only, which is None when the launch JSON decides."""
+    Any ZeRO stage works with any EP degree that passes (ZeRO-3 partitions expert params over their
+    expert-data-parallel group, see ``parallel/deepspeed/experts.py``)."""
     ep, e = cfg.parallel.ep_size, cfg.model.num_experts
     fits = ", ".join(str(d) for d in range(1, min(e, world_size) + 1) if e % d == 0 and world_size % d == 0)
     if e % ep != 0:
@@ -32,10 +27,6 @@ def validate_ep(cfg: RunConfig, world_size: int, zero_stage: Optional[int] = Non
         raise ConfigError(f"world size ({world_size}) must be divisible by parallel.ep_size ({ep}); "
                           f"with {world_size} processes choose --ep-size from {fits}, "
                           f"or launch a multiple of {ep} processes")
-    stage = zero_stage if zero_stage is not None else cfg.parallel.zero_stage
-    if ep > 1 and stage == 3:
-        raise ConfigError(f"--ep-size {ep} with ZeRO-3 is not supported (DeepSpeed's ZeRO-3 does not partition "
-                          f"expert-parallel layers outside AutoEP). Working combinations: {WORKING_COMBINATIONS}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ CASES = {
     "bad_data_path": (["--data-files", "/no/such/file.txt"], "error: data file /no/such/file.txt: not found"),
     "other_data_on_resume": (["--resume", "auto", "--set", "data.max_corpus_bytes=200000"],
                              "the training data differs from the checkpoint's"),
-    "zero3_with_ep": (["--zero-stage", "3", "--ep-size", "2"], "error: --ep-size 2 with ZeRO-3 is not supported"),
 }
 
 

@@ -168,7 +168,6 @@ def test_peak_is_init_or_training_not_both():
 
 
 @pytest.mark.parametrize("over,hw,msg", [
-    ({"parallel.zero_stage": 3, "parallel.ep_size": 8}, Hardware(gpus_per_node=8), "ZeRO-3"),
     ({"parallel.ep_size": 8}, Hardware(gpus_per_node=4), "divisible by parallel.ep_size"),
     ({"parallel.zero_stage": 2, "parallel.ep_size": 1, "parallel.offload_params": True}, Hardware(), "ZeRO stage 3"),
 ])

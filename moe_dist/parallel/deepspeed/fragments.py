@@ -12,10 +12,13 @@ partition boundary, so a rank owns an arbitrary contiguous fragment of it, descr
 ``hp_fragment_address``: where in the flat master). Optimizer states are keyed by the flat
 master and have its shape, except DeepSpeed's Muon momentum (see :class:`Fragment`).
 
-ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is split evenly,
-``part = ceil(numel / dp)``, rank ``r`` owning ``[r * part, (r + 1) * part)`` padded past
-``numel``; sub-group ``s`` concatenates its params' parts into ``fp32_partitioned_groups_flat[s]``
-and ``grad_position[param_id] = (s, start in that flat, part)``.
+ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is split evenly over its partition
+group, ``part = ceil(numel / dp)``, the group's rank ``r`` owning ``[r * part, (r + 1) * part)``
+padded past ``numel``; sub-group ``s`` concatenates its params' parts into
+``fp32_partitioned_groups_flat[s]`` and ``grad_position[param_id] = (s, start in that flat, part)``.
+The partition group is the data-parallel group, except for expert params under EP: their
+expert-data-parallel group (``ds_process_group``; ``dp = world / ep``), so ``r`` is the rank in
+that group and the ``dp`` ranks holding one expert tile it exactly.
 
 Legend: n fragment elements on this rank, P flat master partition length, N numel of a param.
 """
@@ -118,7 +121,7 @@ def _fragments_zero3(engine: Any, names: dict[int, str]) -> Iterator[Fragment]:
             if id(p) not in names:
                 continue
             _, start, part = opt.grad_position[opt.get_param_id(p)]  # part = ceil(N / dp), padded
-            offset = opt._get_param_partition_rank(p) * part
+            offset = opt._get_param_partition_rank(p) * part          # rank in p's own partition group
             n = max(0, min(part, p.ds_numel - offset))               # the last ranks' parts are padding
             if n == 0:
                 continue

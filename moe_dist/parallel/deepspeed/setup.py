@@ -44,7 +44,7 @@ def resolve_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> tu
     base = read_launch_json(_launch_json_path(deepspeed_config))
     ds_config = build_ds_config(cfg, base, world_size, torch.cuda.is_available())
     layout = batch_layout(cfg, world_size)
-    validate_ep(cfg, world_size, int(ds_config["zero_optimization"]["stage"]))
+    validate_ep(cfg, world_size)
     return ds_config, layout
 
 
