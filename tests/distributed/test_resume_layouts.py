@@ -20,7 +20,8 @@ from moe_dist.config import apply_overrides, get_preset
 
 from .trainrun import by_step, metrics, train
 
-pytestmark = pytest.mark.distributed
+# 3 reference runs and 9 resumes on up to 4 ranks (~7 min here): in the slow set, which .ci/run runs too.
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS, HALF = 6, 3
 RESHARD_REL = 1e-4
