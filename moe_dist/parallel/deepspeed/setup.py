@@ -22,6 +22,7 @@ from ...optim import param_groups, tag_parameters
 from ..dims import BatchLayout, batch_layout, validate_ep
 from ..runtime import Runtime
 from .config import build_ds_config, read_launch_json
+from .cuda_arch import fix_arch_list_for_deepspeed
 from .jit_locks import warn_stale_build_locks
 
 
@@ -61,6 +62,9 @@ def init_deepspeed_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = Non
     ``accelerator_kwargs``: more arguments of ``Accelerator`` (the trackers, see moe_dist.trackers)."""
     select_deepspeed_accelerator()  # first: Accelerate imports DeepSpeed below
     quiet_third_party()
+    arch_note = fix_arch_list_for_deepspeed()  # before any op build (the first optimizer step)
+    if arch_note:
+        get_logger().warning(arch_note)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         warn_stale_build_locks(get_logger().warning)  # before DeepSpeed's comm set-up loads its shm op
     from accelerate import Accelerator
