@@ -50,7 +50,8 @@ SMOKE_MODEL = ["--set", "model.d_model=64", "--set", "model.d_ff=64", "--set", "
                "--set", "train.global_batch_size=4", "--set", "train.warmup_steps=2"]
 EP_REL_BOUND = 1e-4      # EP 2 vs EP 1 loss, relative (CUDA's index_add_ is not bitwise deterministic)
 CHAIN_REL_BOUND = 0.05   # a leg on another device draws other router noise and runs another precision
-STEP_TIMEOUT_S = 600
+STEP_TIMEOUT_S = 600     # one launch's limit; --case-timeout overrides
+FAIL_LOG_LINES = 40      # lines of a failed launch's output printed as it fails (the report keeps 6)
 
 
 @dataclass
@@ -65,8 +66,9 @@ class Case:
 class Checker:
     """Runs the cases; ``smoke`` swaps GPUs for CPU processes and the presets for a tiny model."""
 
-    def __init__(self, work: Path, smoke: bool, peak_tflops: Optional[float]) -> None:
-        self.work, self.smoke = work, smoke
+    def __init__(self, work: Path, smoke: bool, peak_tflops: Optional[float],
+                 timeout_s: float = STEP_TIMEOUT_S) -> None:
+        self.work, self.smoke, self.timeout_s = work, smoke, timeout_s
         self.cases: list[Case] = []
         import torch
 
@@ -91,12 +93,24 @@ class Checker:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml),
                "--num_processes", str(procs), "--main_process_port", str(_free_port()), TRAIN,
                "--output-dir", str(out), "--set", "train.eval_every=0", *(SMOKE_MODEL if self.smoke else []), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=self._env(on_gpu), cwd=str(REPO_ROOT),
-                              timeout=STEP_TIMEOUT_S)
+        return self._run(cmd, self._env(on_gpu))
 
     def tool(self, module: str, *args: str, on_gpu: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                              env=self._env(on_gpu and not self.smoke), cwd=str(REPO_ROOT), timeout=STEP_TIMEOUT_S)
+        return self._run([sys.executable, "-m", module, *args], self._env(on_gpu and not self.smoke))
+
+    def _run(self, cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        """Run one launch; a failed one prints the end of its output at once (a report line holds 6 lines)."""
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
+                                 timeout=self.timeout_s)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            res = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {self.timeout_s:.0f} s")
+        if res.returncode:
+            lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()][-FAIL_LOG_LINES:]
+            print(f"--- exit {res.returncode}: {' '.join(cmd[-12:])}\n" + "\n".join(lines) + "\n---", flush=True)
+        return res
 
     def record(self, case: Case, started: float) -> None:
         case.seconds = time.perf_counter() - started
@@ -258,7 +272,7 @@ def _tail(res: subprocess.CompletedProcess, n: int = 6) -> str:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return "n/a" if x is None else f"{100 * x:.2g}%"  # 2 significant digits: small presets sit far below 1%
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -266,7 +280,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="gpu_check_report.md", help="Markdown report (default gpu_check_report.md)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of one GPU, for MFU (default: by name)")
     p.add_argument("--cpu-smoke", action="store_true", help="run the orchestration on CPU processes (CI)")
-    p.add_argument("--work", help="scratch folder (default: a temporary one)")
+    p.add_argument("--work", help="keep the runs in a new gpu_check-<time> folder here (default: a temporary folder)")
+    p.add_argument("--case-timeout", type=float, default=STEP_TIMEOUT_S,
+                   help=f"seconds one launch may take before it counts as failed (default {STEP_TIMEOUT_S})")
     a = p.parse_args(argv)
     if not a.cpu_smoke:
         import torch
@@ -276,7 +292,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "run it on a GPU machine, or pass --cpu-smoke to check the script itself on CPU")
             return 0
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        checker = Checker(Path(a.work or tmp), a.cpu_smoke, a.peak_tflops)
+        # A fresh folder per check inside --work: a second check must not find the first one's run
+        # folders (train.py refuses to start a fresh run where a run already is).
+        work = Path(a.work) / datetime.datetime.now().strftime("gpu_check-%Y%m%d-%H%M%S") if a.work else Path(tmp)
+        checker = Checker(work, a.cpu_smoke, a.peak_tflops, a.case_timeout)
         checker.work.mkdir(parents=True, exist_ok=True)
         checker.loss_falls("tiny", 12 if a.cpu_smoke else 30)
         if not a.cpu_smoke:

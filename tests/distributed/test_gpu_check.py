@@ -40,3 +40,6 @@ def test_cpu_smoke_runs_every_case_and_writes_the_report(tmp_path):
     assert [name for name, r in results.items() if r == "SKIP"] == [
         "4090 preset, 4090_offload (ZeRO-3, param + optimizer offload)"]
     assert "CPU smoke run" in text
+    # The runs sit in a fresh folder inside --work, so a second check there starts clean (on the H200 a
+    # reused folder made the second check's 4090 case refuse to start: "already holds a run").
+    assert [p.name.startswith("gpu_check-") for p in (tmp_path / "work").iterdir()] == [True]
