@@ -42,6 +42,7 @@ SECTIONS = {
     "train": "bench_train",
     "muon_cpu": "bench_muon_cpu",
     "data": "bench_data",
+    "data_prep": "bench_data_prep",
 }
 
 
