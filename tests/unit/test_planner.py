@@ -38,7 +38,7 @@ def run_cfg(preset: str, world: int, **over) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- DeepSpeed's estimators
-CASES = [  # (stage, offload_optimizer, offload_params, zero_init)
+CASES = [  # (stage, offload_optimizer, offload_params, zero_init = our sharded build)
     (2, True, False, False), (2, False, False, False),
     (3, True, True, True), (3, True, True, False), (3, True, False, True), (3, True, False, False),
     (3, False, False, True), (3, False, False, False),
@@ -48,9 +48,9 @@ CASES = [  # (stage, offload_optimizer, offload_params, zero_init)
 def _ours_vs_theirs(preset, gpn, nodes, stage, oo, op, zi):
     cfg = run_cfg(preset, gpn * nodes, parallel__zero_stage=stage, parallel__offload_optimizer=oo,
                   parallel__offload_params=op, parallel__ep_size=1, train__optimizer="adamw",
-                  parallel__precision="bf16")
+                  parallel__precision="bf16", parallel__sharded_build=zi)
     launch = {"zero_optimization": {"stage": stage, "sub_group_size": 10**13}}
-    pl = plan(cfg, Hardware(80 * GiB, 4096 * GiB, gpn, nodes, host_buffer_factor=1.5), launch, zero_init=zi)
+    pl = plan(cfg, Hardware(80 * GiB, 4096 * GiB, gpn, nodes, host_buffer_factor=1.5), launch)
     P, LL = pl.params.total, pl.params.largest_module
     if stage == 2:
         cpu, gpu = ds_z2.estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=oo)
