@@ -216,3 +216,22 @@ def test_cli_reads_launch_json_and_flags_win(tmp_path, capsys):
 
 
 
+
+
+def test_b200_18b_launch_config_is_the_chosen_layout_and_fits():
+    """launch_configs/b200_18b.json sets what `moe-plan --choose` picks for 18b on 2 x 8 B200, and it fits."""
+    from pathlib import Path
+
+    from moe_dist.layout_search import choose
+    from moe_dist.parallel.deepspeed.config import read_launch_json
+
+    path = Path(__file__).resolve().parents[2] / "launch_configs" / "b200_18b.json"
+    launch = read_launch_json(str(path))
+    hw = Hardware(180 * GiB, 2048 * GiB, 8, 2)
+    cfg = get_preset("18b")
+    ch = choose(cfg, hw, launch)
+    assert ch.layout is not None and ch.layout.zero_stage == launch["zero_optimization"]["stage"]
+    assert ch.layout.ep_size == 1 and not ch.layout.offload_optimizer  # the YAML's command: --ep-size 1
+    pl = plan(ch.layout.apply(cfg), hw, launch)
+    assert pl.fits and pl.settings.sharded_build
+    assert pl.cpu.total < 64 * GiB  # the sharded build: no rank holds the fp32 model (847 GiB per node before)
