@@ -22,11 +22,6 @@ Fill = Callable[[str, torch.Tensor], None]          # (parameter name, full fp32
 Convert = Callable[[nn.Module, list[nn.Parameter]], None]  # (module, its new parameters) -> e.g. partition
 
 
-def _own_params(module: nn.Module, made: dict[int, nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
-    """The module's own parameters (not its children's) not made yet for another module."""
-    return [(k, p) for k, p in module._parameters.items() if p is not None and id(p) not in made]
-
-
 def materialize(model: nn.Module, fill: Fill, device: torch.device, dtype: torch.dtype,
                 convert: Optional[Convert] = None) -> int:
     """Replace every meta parameter of ``model`` by a real one on ``device`` in ``dtype``, module by
