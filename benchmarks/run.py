@@ -10,6 +10,7 @@ Sections (one module each; ``--only`` takes these names):
   train        training tokens/s at ZeRO-1/2/3 x EP 1/2 on 2 ranks                   (bench_train)
   muon_cpu     one Muon step's Newton-Schulz on the CPU for the 4090 preset's matrices  (bench_muon_cpu)
   data         token store: preparation tokens/s (1 vs 2 procs), start-up + RSS vs corpus size (bench_data)
+  startup      start-up peak RSS on 2 ranks (100m): full fp32 build vs sharded build      (bench_startup)
 
 Writes ``results.md`` (a dated header describing the machine, then every section's tables),
 ``results.json`` (the raw measurements) and the PNG plots into ``--out`` (default
@@ -43,6 +44,7 @@ SECTIONS = {
     "muon_cpu": "bench_muon_cpu",
     "data": "bench_data",
     "data_prep": "bench_data_prep",
+    "startup": "bench_startup",
 }
 
 

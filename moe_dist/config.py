@@ -96,6 +96,10 @@ class ParallelConfig:
     )
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
+    sharded_build: bool = _f(
+        True, "Build only this rank's part of the model at start-up (meta device, then each module's parameters "
+              "in the training dtype, partitioned at once under ZeRO-3). False: every rank builds the full fp32 "
+              "model on the CPU first (more host memory; kept to measure against).")
 
     def __post_init__(self) -> None:
         s = "parallel"

@@ -6,14 +6,15 @@ moe-consolidate, or a ``--format hf`` export. Only the model weights are read (t
 ``moe_dist.inference``'s readers); the optimizer, LR schedule, step counter and data cursor start
 fresh, so another corpus is fine. A source of another architecture is refused with the differing
 fields named (the check resume uses). ``check`` runs on every rank before anything is built;
-``load`` fills the full model on every rank before expert parallelism and ZeRO take their parts.
+``reader`` returns ``fill(name, tensor)``, which copies one parameter's value: the sharded build
+(``parallel/materialize.py``) calls it for the parameters a rank builds, and only reads those.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -61,32 +62,80 @@ def check(path: str, model_cfg: ModelConfig) -> None:
     check_same_architecture(f"--init-from {path}", info.config["model"], model_cfg)
 
 
-@torch.no_grad()
-def load(path: str, model: nn.Module) -> None:
-    """Copy the source's weights into ``model`` (the full model, before expert parallelism)."""
-    p = Path(path)
-    if not _hf_folder(p):
-        from .inference import load_checkpoint
-
-        load_checkpoint(p, model)
-        return
+def _safetensors_index(files: list[Path]) -> dict[str, Path]:
+    """Tensor name -> the file holding it (reads the headers only)."""
     from safetensors import safe_open
 
-    from .consolidate import safetensors_files
-    from .export_hf import hf_tensor_name
-
-    folder = p if p.is_dir() else p.parent
-    wanted: dict[str, Any] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:  # a tied head is its embedding
-            seen.add(id(t))
-            wanted[hf_tensor_name(name)] = t
-    for file in safetensors_files(folder, None):
+    where: dict[str, Path] = {}
+    for file in files:
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    wanted.pop(key).detach().copy_(f.get_tensor(key))
-    if wanted:
-        raise CheckpointError(f"--init-from {path}: the export lacks {len(wanted)} tensors the model needs "
-                              f"({', '.join(list(wanted)[:3])}…); export it again with moe-consolidate --format hf")
+            where.update({k: file for k in f.keys()})
+    return where
+
+
+def reader(path: str) -> Callable[[str, torch.Tensor], None]:
+    """``fill(name, tensor)``: copy the source's value of parameter ``name`` (our state_dict name)
+    into ``tensor`` (the parameter's full shape), reading that tensor only. So a rank can take its
+    weights one parameter at a time, the ones it builds (``parallel/materialize.py``)."""
+    p = Path(path)
+    if _hf_folder(p):
+        from .consolidate import safetensors_files
+        from .export_hf import hf_tensor_name
+
+        folder = p if p.is_dir() else p.parent
+        where, rename = _safetensors_index(safetensors_files(folder, None)), hf_tensor_name
+        hint = "export it again with moe-consolidate --format hf"
+    else:
+        from .inference import checkpoint_info
+
+        info = checkpoint_info(p)
+        if info.kind == "dcp":
+            from .checkpoint.keys import model_key
+
+            ckpt, stored = info.source, info.source.metadata
+
+            def fill_dcp(name: str, t: torch.Tensor) -> None:
+                key = model_key(name)
+                _check_source(path, name, tuple(stored[key].size) if key in stored else None, t)
+                ckpt.load({key: t})
+
+            return fill_dcp
+        if info.kind == "pt":
+            sd = info.source["model_state_dict"]
+
+            def fill_pt(name: str, t: torch.Tensor) -> None:
+                _check_source(path, name, tuple(sd[name].shape) if name in sd else None, t)
+                t.copy_(sd[name])
+
+            return fill_pt
+        where, rename, hint = _safetensors_index(info.source), (lambda name: name), "export it again"
+
+    def fill_safetensors(name: str, t: torch.Tensor) -> None:
+        from safetensors import safe_open
+
+        key = rename(name)
+        if key not in where:
+            raise CheckpointError(f"--init-from {path}: the export lacks {key}, which the model needs; {hint}")
+        with safe_open(str(where[key]), "pt") as f:
+            src = f.get_tensor(key)
+        _check_source(path, name, tuple(src.shape), t)
+        t.copy_(src)
+
+    return fill_safetensors
+
+
+def _check_source(path: str, name: str, found: Optional[tuple[int, ...]], t: torch.Tensor) -> None:
+    if found is None:
+        raise CheckpointError(f"--init-from {path}: no tensor {name} in the source, which the model needs; "
+                              "check that it was written by this model's architecture")
+    if found != tuple(t.shape):
+        raise CheckpointError(f"--init-from {path}: {name} has shape {list(found)} in the source, the model "
+                              f"expects {list(t.shape)}; set the model fields to the saved values")
+
+
+@torch.no_grad()
+def load(path: str, model: nn.Module) -> None:
+    """Copy the source's weights into ``model`` (a full model, every parameter present)."""
+    from .parallel.materialize import fill_full
+
+    fill_full(model, reader(path))

@@ -3,14 +3,19 @@
 Layouts are tried fastest first (``candidate_layouts``):
 
   ZeRO-1 < ZeRO-2 (each with EP 1, then every larger EP degree that divides the experts and the world)
-  < ZeRO-3 < ZeRO-2 + optimizer offload (EP as above) < ZeRO-3 + optimizer offload
-  < ZeRO-3 + optimizer and parameter offload.
+  < ZeRO-3 (the largest such EP degree first, down to EP 1) < ZeRO-2 + optimizer offload (EP as for
+  ZeRO-2) < ZeRO-3 + optimizer offload (EP as for ZeRO-3) < ZeRO-3 + optimizer and parameter offload
+  (EP as for ZeRO-3).
 
 Why this order: ZeRO-1/2 keep the working parameters whole on each GPU, ZeRO-3 gathers them module by
 module in every forward and backward; optimizer offload moves the optimizer step to the CPU and
 every step's gradients and parameters over PCIe; parameter offload adds the parameters' trips in
 forward and backward. A larger EP degree saves expert memory for an all-to-all per MoE layer, so it
-comes after EP 1 within a stage. It is an order by what each layout adds, not a measured ranking.
+comes after EP 1 within ZeRO-1/2. Under ZeRO-3 it is the other way round: every forward and
+backward all-gathers the parameters a rank uses, Pne + Pe/ep of them, over its partition group, so
+EP ep divides the gathered expert weights by ep for an all-to-all of activations (top_k x tokens x
+d_model per layer, far smaller than an MoE layer's experts), and memory per rank is the same P/N
+partition either way. It is an order by what each layout adds, not a measured ranking.
 Everything else (micro batch, activation checkpointing, precision, optimizer) stays as the preset,
 launch JSON and flags set it.
 
@@ -66,9 +71,11 @@ class Layout:
 def candidate_layouts(num_experts: int, world_size: int) -> list[Layout]:
     """Every layout the trainer supports for this world size, fastest first (module docstring)."""
     eps = [k for k in range(1, num_experts + 1) if num_experts % k == 0 and world_size % k == 0]
-    return ([Layout(s, ep_size=k) for s in (1, 2) for k in eps] + [Layout(3)]
+    down = eps[::-1]  # ZeRO-3: larger EP gathers fewer expert weights (module docstring)
+    return ([Layout(s, ep_size=k) for s in (1, 2) for k in eps] + [Layout(3, ep_size=k) for k in down]
             + [Layout(2, offload_optimizer=True, ep_size=k) for k in eps]
-            + [Layout(3, offload_optimizer=True), Layout(3, offload_optimizer=True, offload_params=True)])
+            + [Layout(3, offload_optimizer=True, ep_size=k) for k in down]
+            + [Layout(3, offload_optimizer=True, offload_params=True, ep_size=k) for k in down])
 
 
 @dataclass
@@ -78,11 +85,11 @@ class Choice:
     tried: list[tuple[Layout, Plan]]       # every layout tried, in order, up to the chosen one
 
 
-def choose(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Choice:
+def choose(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None) -> Choice:
     """The fastest layout (``candidate_layouts`` order) whose GPU and CPU peaks both fit ``hw``."""
     tried = []
     for lay in candidate_layouts(cfg.model.num_experts, hw.world_size):
-        pl = plan(lay.apply(cfg), hw, launch, zero_init)
+        pl = plan(lay.apply(cfg), hw, launch)
         tried.append((lay, pl))
         if pl.fits:
             return Choice(lay, pl, tried)
@@ -130,7 +137,7 @@ def family_experts(cfg: RunConfig) -> list[int]:
     return sorted({int(e * f) for f in EXPERT_FACTORS if int(e * f) >= max(k, 1)})
 
 
-def fit(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False,
+def fit(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None,
         experts: Optional[list[int]] = None) -> list[FitResult]:
     """For each expert count, the largest family member whose best layout fits; most parameters first.
 
@@ -142,7 +149,7 @@ def fit(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: 
     hd = cfg.model.head_dim
 
     def best(e: int, d: int, L: int) -> Choice:
-        return choose(scaled(cfg, d, L, e), hw, launch, zero_init)
+        return choose(scaled(cfg, d, L, e), hw, launch)
 
     def fits_at(e: int, k: int) -> bool:
         return best(e, k * hd, family_depth(cfg, k * hd)).layout is not None
@@ -182,9 +189,9 @@ def main_search(a: argparse.Namespace, console: Any) -> int:
     launch = read_launch_json(a.launch_config)
     where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
     if a.fit:
-        print_fit(fit(cfg, hw, launch, zero_init=a.zero_init), cfg, where, console)
+        print_fit(fit(cfg, hw, launch), cfg, where, console)
     else:
-        print_choice(choose(cfg, hw, launch, zero_init=a.zero_init), cfg, where, console)
+        print_choice(choose(cfg, hw, launch), cfg, where, console)
     return 0
 
 

@@ -23,6 +23,14 @@ from .config import TrainConfig
 NO_MUON_KEYWORDS = ("embed", "lm_head")
 
 
+def layer_ndim(param: torch.Tensor) -> int:
+    """The parameter's number of dimensions as a layer: a parameter ZeRO-3 partitioned as it was made
+    (``parallel/materialize.py``) holds a flat, often empty, partition and records its shape in
+    ``ds_shape`` (DeepSpeed's ``_layer_shape`` reads it the same way)."""
+    shape = getattr(param, "ds_shape", None)
+    return len(shape) if shape is not None else param.ndim
+
+
 def uses_muon(name: str, param: torch.Tensor) -> bool:
     """Muon for 2-D matrices except embeddings and the output head (the router included, as in the seed).
 
@@ -30,7 +38,7 @@ def uses_muon(name: str, param: torch.Tensor) -> bool:
     when the config's optimizer is Muon), restated here so that grouping, the memory planner and
     the tests agree with what DeepSpeed will do.
     """
-    return param.ndim >= 2 and not any(k in name.lower() for k in NO_MUON_KEYWORDS)
+    return layer_ndim(param) >= 2 and not any(k in name.lower() for k in NO_MUON_KEYWORDS)
 
 
 def tag_parameters(model: nn.Module) -> None:
@@ -49,7 +57,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if layer_ndim(p) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "name": "decay", "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0})

@@ -24,8 +24,11 @@ Model states per rank (bytes), following what DeepSpeed 0.19 allocates:
             of one sub_group + its lp copies, gathered to full on several ranks; ZeRO-2: 64 MiB batches).
   ZeRO-3    params lp*S (+ lp*LL gathered, + small persistent params); grads lp*LL in flight,
             lp*S partition buffer, fp32 grads 4*S (offload: on CPU) or one sub_group at the step.
-  Init      every rank builds the full fp32 model on CPU (4*P) before DeepSpeed partitions it;
-            with ``--zero-init`` (ZeRO-3 zero.Init) only 4*LL at a time.
+  Init      the sharded build (``parallel.sharded_build``, the default) makes one module's parameters
+            at a time in a reused fp32 staging buffer on the CPU (4*LL), then this rank's params in the
+            lp dtype on their device (ZeRO-3: lp*S, partitioned at once; ZeRO-1/2: lp*(Pne + Pe/ep));
+            with ``--full-build`` every rank builds the full fp32 model on CPU (4*P) before the engine
+            shards it. Checked against measured RSS: ``tests/distributed/test_startup.py``.
 Activations (per micro-batch, saved for backward; SDPA/flash attention, so no T^2 term):
   per token per block: lp*(6d + 2*kv*hd + 2*K*d*imb + K*h*F*imb [+ h*F shared]) + 4*nh + 8 + 8E + 12K
   (x, norm out, q, attn out, k, v, MoE-in, norm out; top_k dispatched copies and expert outputs;
@@ -156,7 +159,7 @@ class Settings:
     seq_len: int
     grad_accum: int
     activation_checkpointing: bool
-    zero_init: bool
+    sharded_build: bool
     zero: dict
 
 
@@ -174,7 +177,7 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- the estimate
-def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Settings:
+def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None) -> Settings:
     """Resolve the run the way the trainer does (build_ds_config), and check the parallel degrees."""
     n, ep = hw.world_size, cfg.parallel.ep_size
     ds = build_ds_config(cfg, launch if launch is not None else read_launch_json(None), n, hw.accelerator == "cuda")
@@ -189,7 +192,7 @@ def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_in
         precision="bf16" if ds["bf16"]["enabled"] else "fp32", optimizer=optimizer_kind(ds), ep_size=ep,
         world_size=n, micro_batch=ds["train_micro_batch_size_per_gpu"], seq_len=cfg.train.seq_len,
         grad_accum=ds["gradient_accumulation_steps"], activation_checkpointing=cfg.parallel.activation_checkpointing,
-        zero_init=zero_init and stage == 3, zero=zero)
+        sharded_build=cfg.parallel.sharded_build, zero=zero)
 
 
 def activation_rows(m: ModelConfig, s: Settings, capacity_factor: Optional[float]) -> list[Consumer]:
@@ -218,13 +221,13 @@ def activation_rows(m: ModelConfig, s: Settings, capacity_factor: Optional[float
     return rows
 
 
-def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init: bool = False) -> Plan:
+def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None) -> Plan:
     """Estimate per-GPU and per-node CPU memory of training ``cfg`` on ``hw``.
 
-    ``launch`` is the DeepSpeed launch JSON (None: the trainer's default); ``zero_init`` plans
-    ZeRO-3 construction under ``deepspeed.zero.Init`` (the trainer builds the model plainly).
+    ``launch`` is the DeepSpeed launch JSON (None: the trainer's default). Start-up follows
+    ``cfg.parallel.sharded_build`` (module docstring, "Init").
     """
-    s = resolve(cfg, hw, launch, zero_init)
+    s = resolve(cfg, hw, launch)
     pc = count_params(cfg.model)
     n, ep, stage = s.world_size, s.ep_size, s.zero_stage
     lp = 2 if s.precision == "bf16" else 4
@@ -254,9 +257,15 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
         thr = s.zero["stage3_param_persistence_threshold"]
         add("gpu", "parameters persistent (ZeRO-3, small)", lp * pc.persistent(thr), "params",
             note=f"tensors under {thr:.0e} elements, kept whole")
-    init = 4 * (ll if s.zero_init else P)
-    add("cpu", "fp32 model built at start-up", init, "params", "init",
-        "zero.Init: largest module" if s.zero_init else "full model, before EP/ZeRO sharding")
+    if s.sharded_build:
+        add("cpu", "start-up: fp32 staging buffer", 4 * ll, "params", "init",
+            f"sharded build: one module at a time, {ll / 1e6:.0f}M params")
+        built = lp * (S if stage == 3 else local)
+        add(par_dev if stage == 3 else "gpu", f"start-up: parameters made ({lpn})", built, "params", "init",
+            f"P/{n}, partitioned as made" if stage == 3 else (f"experts / ep {ep}" if ep > 1 else "replicated"))
+    else:
+        add("cpu", "start-up: full fp32 model", 4 * P, "params", "init", "--full-build: the full model, "
+            "before EP/ZeRO sharding")
     # gradients
     if stage < 3:
         if stage == 1 or not s.offload_optimizer:
@@ -341,8 +350,9 @@ def plan(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None, zero_init:
     if cfg.train.optimizer == "muon" and s.optimizer == "adamw":
         notes.append("ZeRO-3 with reduce_scatter: the trainer falls back to AdamW for all parameters (planned so).")
     if cpu.biggest.phase == "init" and cpu.biggest.bytes > cpu.total / 2:
-        notes.append(f"CPU peak is the fp32 model each of the {per_node} local rank(s) builds at start-up, before "
-                     "sharding; staggered or meta-device construction, or zero.Init (ZeRO-3, --zero-init), removes it.")
+        notes.append(f"CPU peak is start-up on each of the {per_node} local rank(s)"
+                     + ("" if s.sharded_build else ": the full fp32 model built before sharding; the sharded build "
+                        "(the trainer's default, without --full-build) removes it") + ".")
     return Plan(s, pc, gpu, cpu, notes)
 
 
@@ -414,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="Nodes.")
     p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
                    help="'cpu' plans a CPU-only run (the demo): all tensors in host memory.")
-    p.add_argument("--zero-init", action="store_true", help="Plan ZeRO-3 construction under deepspeed.zero.Init.")
+    p.add_argument("--full-build", action="store_true", help="Plan start-up with parallel.sharded_build=false: "
+                   "every rank builds the full fp32 model on the CPU before the engine shards it.")
     p.add_argument("--host-buffer-factor", type=float, default=1.5,
                    help="Slack on host-side model states (DeepSpeed's additional_buffer_factor).")
     p.add_argument("--choose", action="store_true",
@@ -441,6 +452,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                       ("global_batch", "train.global_batch_size")):
         if getattr(a, flag) is not None:
             over[key] = getattr(a, flag)
+    if a.full_build:
+        over["parallel.sharded_build"] = False
     return apply_overrides(cfg, over)
 
 
@@ -489,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
                       nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
         launch = read_launch_json(a.launch_config)
-        pl = plan(cfg, hw, launch, zero_init=a.zero_init)
+        pl = plan(cfg, hw, launch)
     except ConfigError as e:
         console.print(f"[red]error:[/] {e}")
         return 2

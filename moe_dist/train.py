@@ -165,7 +165,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}); set --set model.vocab_size={data.tokenizer.vocab_size}")
-    _, engine = build_engine(rt, cfg, (lambda m: init_weights.load(init_from, m)) if init_from else None)
+    _, engine = build_engine(rt, cfg, init_weights.reader(init_from) if init_from else None)
     strict_device_from_env()  # tests: from here on an implicit device is an error (see moe_dist.debug)
 
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)

@@ -1,7 +1,8 @@
 """The distributed world and the engine: what train.py builds before the loop.
 
 ``init_runtime`` starts the processes' group and resolves the engine's config; ``build_engine``
-builds the model every rank builds identically, shards its experts and hands it to the engine.
+builds this rank's part of the model (``build_model``: experts sharded, ZeRO-3 partitioned as it is
+made) and hands it to the engine.
 The engine is DeepSpeed ZeRO (``parallel/deepspeed/``); a second engine is a folder beside it and
 one branch in each of these two functions (see ``parallel/engine.py``).
 """
@@ -60,23 +61,47 @@ def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
     return init_deepspeed_runtime(cfg, deepspeed_config, accelerator_kwargs)
 
 
-def build_engine(rt: Runtime, cfg: RunConfig,
-                 init_weights: Optional[Callable[[nn.Module], None]] = None) -> tuple[nn.Module, Any]:
-    """The model every rank builds identically (same seed), sharded by EP, handed to the engine.
+def build_model(rt: Runtime, cfg: RunConfig,
+                fill: Optional[Callable[[str, torch.Tensor], None]] = None) -> nn.Module:
+    """This rank's part of the model every rank builds identically (same seed), sharded by EP.
 
-    ``init_weights(model)`` fills the full model before EP and ZeRO take their parts (--init-from)."""
+    ``fill(name, tensor)`` writes a parameter's full fp32 value (``--init-from``); None: the model's
+    own initialisation. With ``parallel.sharded_build`` (the default) no rank holds the whole model:
+    it is built on the meta device, EP drops the experts this rank does not own, then each module's
+    parameters are made in the training dtype on the training device and, under ZeRO-3, partitioned
+    at once (``parallel/materialize.py``). Otherwise every rank builds the full fp32 model on the CPU
+    first and the engine shards it (the path start-up memory is measured against:
+    ``benchmarks/bench_startup.py``). Both give the same values, bit for bit."""
     from .. import model as lm
     from .deepspeed.experts import apply_expert_parallel
-    from .deepspeed.setup import prepare_engine
+    from .materialize import fill_full, materialize
 
     torch.manual_seed(cfg.train.seed)
-    model = lm.build(cfg.model)
-    if init_weights is not None:
-        init_weights(model)
+    sharded = cfg.parallel.sharded_build
+    model = lm.build(cfg.model, "meta" if sharded else None)
+    if not sharded and fill is not None:
+        fill_full(model, fill)
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing
     for layer in model.moe_layers():
         layer.capacity_factor = cfg.parallel.capacity_factor
     apply_expert_parallel(model, cfg, rt)
+    if sharded:
+        convert = None
+        if rt.zero_stage == 3:
+            from .deepspeed.zero_init import zero3_converter
+
+            convert = zero3_converter(rt.ds_config)
+        dtype = torch.bfloat16 if rt.ds_config["bf16"]["enabled"] else torch.float32
+        materialize(model, fill or model.init_parameter, rt.device, dtype, convert)
+    return model
+
+
+def build_engine(rt: Runtime, cfg: RunConfig,
+                 fill: Optional[Callable[[str, torch.Tensor], None]] = None) -> tuple[nn.Module, Any]:
+    """:func:`build_model`, handed to the engine."""
+    from .deepspeed.setup import prepare_engine
+
+    model = build_model(rt, cfg, fill)
     return model, prepare_engine(rt, model, cfg)
 
 

@@ -113,9 +113,11 @@ def test_val_loss_is_the_same_on_2_and_3_ranks(tmp_path):
     assert vals[2] == pytest.approx(vals[3], rel=1e-5, abs=0), vals
 
 
-def test_init_from_weights_on_another_layout(tmp_path):
+@pytest.mark.parametrize("stage", ["2", "3"], ids=["zero2", "zero3"])
+def test_init_from_weights_on_another_layout(tmp_path, stage):
     """A .pt of other weights starts a world-2, EP-2 run: with a ~0 learning rate its checkpoint after
-    one step holds those weights; the step counter, schedule and data cursor start at 0."""
+    one step holds those weights; the step counter, schedule and data cursor start at 0. ZeRO-3: each
+    rank reads the weights parameter by parameter into the partitions it builds."""
     import torch
 
     from moe_dist.cli import parse
@@ -128,7 +130,8 @@ def test_init_from_weights_on_another_layout(tmp_path):
     pt = tmp_path / "weights.pt"
     torch.save({"model_state_dict": src.state_dict(), "config": cfg.to_dict(), "step": 500}, pt)
     out = tmp_path / "ft"
-    train(out, 2, "--ep-size", "2", "--init-from", str(pt), "--max-steps", "1", "--save-every", "1",
+    train(out, 2, "--ep-size", "2", "--zero-stage", stage, "--init-from", str(pt), "--max-steps", "1",
+          "--save-every", "1",
           "--set", "train.muon_lr=1e-12", "--set", "train.adamw_lr=1e-12")
     assert [r["step"] for r in metrics(out)] == [1]
     model, _, step = load_model_for_inference(out / "checkpoints" / "checkpoint_latest")

@@ -73,7 +73,10 @@ def test_ep2_matches_ep1_with_muon(tmp_path):
     a, b = tmp_path / "m1", tmp_path / "m2"
     train(a, 2, "--max-steps", str(STEPS))
     train(b, 2, "--max-steps", str(STEPS), "--ep-size", "2")
-    _assert_close_losses(losses(a), losses(b))
+    # Newton-Schulz amplifies the all-to-all's float reordering: over 5 steps the relative gap depends
+    # on the initial weights (measured, seeds 1/7/42/1234: up to 7.5e-6 with the old init, up to 1.3e-5
+    # with per-parameter init); a scale or routing error is orders of magnitude larger.
+    _assert_close_losses(losses(a), losses(b), rel=3e-5)
 
 
 def test_zero_stages_agree(tmp_path):

@@ -105,7 +105,8 @@ def test_candidate_order():
                                       "ZeRO-3, EP 1, offload none", "ZeRO-2, EP 1, offload optimizer",
                                       "ZeRO-3, EP 1, offload optimizer", "ZeRO-3, EP 1, offload optimizer+params"]
     assert {x.ep_size for x in eight} == {1, 2, 4, 8}
-    assert all(x.ep_size == 1 for x in eight if x.zero_stage == 3)         # --choose does not propose ZeRO-3 with EP (yet)
+    z3 = [x.ep_size for x in eight if x.zero_stage == 3 and not x.offload_optimizer]
+    assert z3 == [8, 4, 2, 1]                                                # ZeRO-3: largest EP first
     assert len(set(eight)) == len(eight) and eight[0] == one[0] and eight[-1] == one[-1]
 
 

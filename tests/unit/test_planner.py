@@ -38,7 +38,7 @@ def run_cfg(preset: str, world: int, **over) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- DeepSpeed's estimators
-CASES = [  # (stage, offload_optimizer, offload_params, zero_init)
+CASES = [  # (stage, offload_optimizer, offload_params, zero_init = our sharded build)
     (2, True, False, False), (2, False, False, False),
     (3, True, True, True), (3, True, True, False), (3, True, False, True), (3, True, False, False),
     (3, False, False, True), (3, False, False, False),
@@ -48,9 +48,9 @@ CASES = [  # (stage, offload_optimizer, offload_params, zero_init)
 def _ours_vs_theirs(preset, gpn, nodes, stage, oo, op, zi):
     cfg = run_cfg(preset, gpn * nodes, parallel__zero_stage=stage, parallel__offload_optimizer=oo,
                   parallel__offload_params=op, parallel__ep_size=1, train__optimizer="adamw",
-                  parallel__precision="bf16")
+                  parallel__precision="bf16", parallel__sharded_build=zi)
     launch = {"zero_optimization": {"stage": stage, "sub_group_size": 10**13}}
-    pl = plan(cfg, Hardware(80 * GiB, 4096 * GiB, gpn, nodes, host_buffer_factor=1.5), launch, zero_init=zi)
+    pl = plan(cfg, Hardware(80 * GiB, 4096 * GiB, gpn, nodes, host_buffer_factor=1.5), launch)
     P, LL = pl.params.total, pl.params.largest_module
     if stage == 2:
         cpu, gpu = ds_z2.estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=oo)
@@ -216,3 +216,22 @@ def test_cli_reads_launch_json_and_flags_win(tmp_path, capsys):
 
 
 
+
+
+def test_b200_18b_launch_config_is_the_chosen_layout_and_fits():
+    """launch_configs/b200_18b.json sets what `moe-plan --choose` picks for 18b on 2 x 8 B200, and it fits."""
+    from pathlib import Path
+
+    from moe_dist.layout_search import choose
+    from moe_dist.parallel.deepspeed.config import read_launch_json
+
+    path = Path(__file__).resolve().parents[2] / "launch_configs" / "b200_18b.json"
+    launch = read_launch_json(str(path))
+    hw = Hardware(180 * GiB, 2048 * GiB, 8, 2)
+    cfg = get_preset("18b")
+    ch = choose(cfg, hw, launch)
+    assert ch.layout is not None and ch.layout.zero_stage == launch["zero_optimization"]["stage"]
+    assert ch.layout.ep_size == 1 and not ch.layout.offload_optimizer  # the YAML's command: --ep-size 1
+    pl = plan(ch.layout.apply(cfg), hw, launch)
+    assert pl.fits and pl.settings.sharded_build
+    assert pl.cpu.total < 64 * GiB  # the sharded build: no rank holds the fp32 model (847 GiB per node before)
