@@ -13,6 +13,8 @@ once (``sub_group_size`` >= P). Two differences are real and pinned down here ra
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 
@@ -218,20 +220,20 @@ def test_cli_reads_launch_json_and_flags_win(tmp_path, capsys):
 
 
 
-def test_b200_18b_launch_config_is_the_chosen_layout_and_fits():
-    """launch_configs/b200_18b.json sets what `moe-plan --choose` picks for 18b on 2 x 8 B200, and it fits."""
+def test_b200_18b_launch_config_fits_with_ep_8():
+    """launch_configs/b200_18b.json (ZeRO-2, the preset's EP 8) fits 2 x 8 B200 by moe-plan, with the sharded
+    build's CPU peak (847 GiB per node with the full fp32 build)."""
     from pathlib import Path
 
-    from moe_dist.layout_search import choose
     from moe_dist.parallel.deepspeed.config import read_launch_json
 
     path = Path(__file__).resolve().parents[2] / "launch_configs" / "b200_18b.json"
     launch = read_launch_json(str(path))
     hw = Hardware(180 * GiB, 2048 * GiB, 8, 2)
     cfg = get_preset("18b")
-    ch = choose(cfg, hw, launch)
-    assert ch.layout is not None and ch.layout.zero_stage == launch["zero_optimization"]["stage"]
-    assert ch.layout.ep_size == 1 and not ch.layout.offload_optimizer  # the YAML's command: --ep-size 1
-    pl = plan(ch.layout.apply(cfg), hw, launch)
+    assert launch["zero_optimization"]["stage"] == 2 and cfg.parallel.ep_size == 8  # the YAML's command
+    pl = plan(cfg, hw, launch)
     assert pl.fits and pl.settings.sharded_build
-    assert pl.cpu.total < 64 * GiB  # the sharded build: no rank holds the fp32 model (847 GiB per node before)
+    assert pl.cpu.total < 64 * GiB  # no rank holds the fp32 model
+    full = plan(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sharded_build=False)), hw, launch)
+    assert full.cpu.total > 500 * GiB
