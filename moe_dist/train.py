@@ -203,7 +203,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     pc = count_params(cfg.model)
     with TrainUI(rt.is_main, cfg.train.max_steps, trainer.state.step, cfg.train.log_every) as ui:
         ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {pc.total / 1e6:.1f}M params ({pc.active / 1e6:.1f}M active), "
-                 f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
+                 f"world {rt.world_size}, {rt.engine_label}, EP {cfg.parallel.ep_size}, "
                  f"optimizer {rt.optimizer_kind}, {str(next(engine.module.parameters()).dtype).removeprefix('torch.')}"
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")
                  + (f", weights from {init_from}" if init_from and not resumed_from else ""))
@@ -213,7 +213,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         trackers.finish(rt.accelerator, report_to)
         if rt.is_main:
             run_artifacts.plot_loss_curve(cfg.checkpoint.output_dir)
-        ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
+        ui.summary(metrics.history, {"world size": rt.world_size, "engine": rt.engine_label,
                                      "EP size": cfg.parallel.ep_size,
                                      "checkpoint": saved or "-"})
     if stop["agreed"]:
