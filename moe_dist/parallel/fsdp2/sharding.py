@@ -32,7 +32,9 @@ def policies(s: Fsdp2Settings) -> dict[str, Any]:
     """``fully_shard`` keyword arguments for the settings: mixed precision and offload."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
-    kw: dict[str, Any] = {"offload_policy": CPUOffloadPolicy() if s.cpu_offload else OffloadPolicy()}
+    # Pinned host memory needs an accelerator: torch refuses to pin on a machine without one.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if s.cpu_offload else OffloadPolicy()
+    kw: dict[str, Any] = {"offload_policy": offload}
     if s.precision == "bf16":  # compute in bf16; the shards (the masters) and the reduction stay fp32
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return kw
