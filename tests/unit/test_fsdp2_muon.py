@@ -30,7 +30,8 @@ def test_update_matches_deepspeed_muon_within_fp16_rounding(shape):
     gen = torch.Generator(device="cpu").manual_seed(0)
     g = torch.randn(shape, generator=gen, device="cpu")
     m = torch.randn(shape, generator=gen, device="cpu")
-    want = muon_update(g.clone(), m.clone(), beta=0.95).float()
+    with torch._dynamo.config.patch(disable=True):  # DeepSpeed compiles muon_update: ~10 s a shape on CPU
+        want = muon_update(g.clone(), m.clone(), beta=0.95).float()
     m2 = m.clone()
     m2.lerp_(g, 0.05)
     got = orthogonalize(g.lerp(m2, 0.95))
