@@ -113,6 +113,9 @@ class Fsdp2TrainEngine:
 
     # ---- checkpoint hooks
     def checkpoint_fragments(self) -> list[Fragment]:
+        # After a forward without backward (validation) the root keeps its gathered weights, and a
+        # gathered module lists them as its parameters: shard everything back to list the shards.
+        self._reshard()
         return fragments.local_fragments(self.module, self.optimizers)
 
     def has_optimizer_state(self) -> bool:
@@ -135,6 +138,10 @@ class Fsdp2TrainEngine:
 
     def sync_weights_from_masters(self) -> None:
         """The shards are the fp32 masters; drop any gathered copy so the next forward gathers them."""
+        self._reshard()
+
+    def _reshard(self) -> None:
+        """Free every gathered copy (local: no collective)."""
         from torch.distributed.fsdp import FSDPModule
 
         for m in self.module.modules():
