@@ -327,6 +327,7 @@ class CheckpointManager:
 
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
+        t0 = time.perf_counter()
         saved = read_train_state(path)
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
@@ -344,6 +345,7 @@ class CheckpointManager:
         self.trainer.sampler.load_state_dict(saved["sampler"])
         self.trainer.metrics.history[:] = [r for r in saved["metrics"]["history"] if r["step"] <= saved["step"]]
         self.last_saved_step, self.last_saved_path = saved["step"], path
-        self.log.info(f"resumed from {path} at step {saved['step']} (saved on world {topo['world_size']}, "
+        self.log.info(f"resumed from {path} at step {saved['step']} in {time.perf_counter() - t0:.2f}s "
+                      f"(saved on world {topo['world_size']}, "
                       f"{_engine_label(topo)}, EP {topo['ep_size']}; now world {self.rt.world_size}, "
                       f"{self.rt.engine_label}, EP {self.cfg.parallel.ep_size})")
