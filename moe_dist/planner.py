@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     cfg = get_preset(a.preset)
     over: dict[str, Any] = {}
-    for flag, key in (("engine", "parallel.engine"), ("zero_stage", "parallel.zero_stage"), ("offload_optimizer", "parallel.offload_optimizer"),
+    for flag, key in (("engine", "parallel.engine"), ("zero_stage", "parallel.zero_stage"),
+                      ("offload_optimizer", "parallel.offload_optimizer"),
                       ("offload_params", "parallel.offload_params"), ("ep_size", "parallel.ep_size"),
                       ("activation_checkpointing", "parallel.activation_checkpointing"),
                       ("precision", "parallel.precision"), ("optimizer", "train.optimizer"),

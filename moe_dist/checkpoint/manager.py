@@ -162,7 +162,8 @@ class CheckpointManager:
             "sampler": tr.sampler.state_dict(), "lr_schedule": tr.schedule.state_dict(),
             "config": self.cfg.to_dict(), "tokenizer": self.tokenizer_spec, "data": tr.data.fingerprint,
             "metrics": {"last": hist[-1] if hist else None, "history": hist[-200:]},
-            "topology": {"world_size": self.rt.world_size, "engine": self.rt.engine, "zero_stage": self.rt.zero_stage,
+            "topology": {"world_size": self.rt.world_size, "engine": self.rt.engine,
+                         "zero_stage": self.rt.zero_stage,
                          "ep_size": self.cfg.parallel.ep_size, "optimizer": self.rt.optimizer_kind},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
         }

@@ -23,8 +23,8 @@ def test_shard_rows_is_torch_chunk(rows, k):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_update_matches_deepspeed_muon_within_fp16_rounding(shape):
     """DeepSpeed's muon_update on this CPU: Gram Newton-Schulz in fp16. Ours: fp32. The difference
-    is the fp16 rounding of the iteration (measured 3.8e-3 to 5.2e-3 relative, shapes up to 1280 x 512); a wrong coefficient, scale or
-    orientation would be off by tens of percent."""
+    is the fp16 rounding of the iteration (measured 3.8e-3 to 5.2e-3 relative, shapes up to
+    1280 x 512); a wrong coefficient, scale or orientation would be off by tens of percent."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     muon_update = pytest.importorskip("deepspeed.runtime.zero.muon.original_muon").muon_update
     gen = torch.Generator(device="cpu").manual_seed(0)
