@@ -8,6 +8,7 @@ Sections (one module each; ``--only`` takes these names):
   reshard      a world-2 checkpoint loaded on 1, 2 and 3 ranks                       (bench_reshard)
   consolidate  moe-consolidate vs dcp_to_torch_save: time and peak RSS               (bench_consolidate)
   train        training tokens/s at ZeRO-1/2/3 x EP 1/2 on 2 ranks                   (bench_train)
+  train_engines  DeepSpeed ZeRO-2 vs FSDP2: tokens/s, checkpoint save/load, EP 1/2   (bench_engines)
   muon_cpu     one Muon step's Newton-Schulz on the CPU for the 4090 preset's matrices  (bench_muon_cpu)
   data         token store: preparation tokens/s (1 vs 2 procs), start-up + RSS vs corpus size (bench_data)
   startup      start-up peak RSS on 2 ranks (100m): full fp32 build vs sharded build      (bench_startup)
@@ -41,6 +42,7 @@ SECTIONS = {
     "reshard": "bench_reshard",
     "consolidate": "bench_consolidate",
     "train": "bench_train",
+    "train_engines": "bench_engines",
     "muon_cpu": "bench_muon_cpu",
     "data": "bench_data",
     "data_prep": "bench_data_prep",

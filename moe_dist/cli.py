@@ -33,6 +33,7 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--resume": ("checkpoint.resume", {}),
     "--init-from": ("checkpoint.init_from", {"metavar": "CKPT_OR_EXPORT"}),
     "--stop-at-step": ("checkpoint.stop_at_step", {"type": int}),
+    "--engine": ("parallel.engine", {"choices": ["deepspeed", "fsdp2"]}),
     "--zero-stage": ("parallel.zero_stage", {"type": int, "choices": [1, 2, 3]}),
     "--ep-size": ("parallel.ep_size", {"type": int}),
     "--capacity-factor": ("parallel.capacity_factor", {"type": float}),
@@ -54,9 +55,10 @@ BOOL_FLAGS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-train",
-        description="Train a Mixture-of-Experts LM under Accelerate + DeepSpeed ZeRO with expert parallelism. "
-                    "Launch with: accelerate launch --config_file launch_configs/cpu.yaml moe_dist/train.py "
-                    "--preset tiny --max-steps 20 --output-dir runs/demo",
+        description="Train a Mixture-of-Experts LM with expert parallelism under DeepSpeed ZeRO (default) or "
+                    "PyTorch FSDP2 (--engine fsdp2). Launch with: accelerate launch --config_file "
+                    "launch_configs/cpu.yaml moe_dist/train.py --preset tiny --max-steps 20 --output-dir runs/demo "
+                    "(FSDP2: --config_file launch_configs/cpu_fsdp2.yaml ... --engine fsdp2)",
         epilog="Exit codes: 0 finished; 2 a mistake in the command or its files (one 'error:' line says "
                "which); 75 stopped by SIGTERM or Ctrl-C after saving a checkpoint (preempted, saved: rerun "
                "with --resume auto).",

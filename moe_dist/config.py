@@ -87,10 +87,17 @@ class ParallelConfig:
     """How the model is spread over processes. None of these change the model's maths
     (up to float reordering), so a checkpoint may be resumed under other values."""
 
-    zero_stage: Optional[int] = _f(None, "DeepSpeed ZeRO stage 1, 2 or 3 (None = the launch config's JSON).")
+    engine: str = _f("deepspeed", "Training engine: 'deepspeed' (ZeRO 1-3 through Accelerate, ZeRO-Offload, DeepSpeed's "
+                                  "optimizers) or 'fsdp2' (PyTorch fully_shard per block and per expert, on a dp x ep "
+                                  "mesh). Checkpoints of either resume under the other.")
+    zero_stage: Optional[int] = _f(None, "DeepSpeed ZeRO stage 1, 2 or 3 (None = the launch config's JSON); "
+                                         "not used by --engine fsdp2, which shards like ZeRO-3.")
     ep_size: int = _f(1, "Expert-parallel degree: ranks that split one layer's experts. Divides world size and num_experts.")
-    offload_optimizer: Optional[bool] = _f(None, "Offload optimizer states to CPU (None = launch config).")
-    offload_params: Optional[bool] = _f(None, "Offload parameters to CPU, ZeRO-3 only (None = launch config).")
+    offload_optimizer: Optional[bool] = _f(None, "Offload optimizer states to CPU (None = launch config). Under "
+                                                 "--engine fsdp2 either offload flag selects FSDP2's CPUOffloadPolicy "
+                                                 "(parameters, gradients and optimizer states on the host).")
+    offload_params: Optional[bool] = _f(None, "Offload parameters to CPU, ZeRO-3 or --engine fsdp2 only "
+                                              "(None = launch config).")
     capacity_factor: Optional[float] = _f(
         None, "Expert capacity as a multiple of the fair share of tokens; overflow is dropped. None = dropless."
     )
@@ -103,6 +110,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         s = "parallel"
+        _require(self.engine in ("deepspeed", "fsdp2"), s, "engine", "'deepspeed' or 'fsdp2'", self.engine)
         _require(self.zero_stage in (None, 0, 1, 2, 3), s, "zero_stage", "0, 1, 2 or 3", self.zero_stage)
         _require(int(self.ep_size) >= 1, s, "ep_size", "a positive integer", self.ep_size)
         _require(self.capacity_factor is None or self.capacity_factor > 0, s, "capacity_factor", "> 0 or None", self.capacity_factor)

@@ -5,6 +5,10 @@
 parameter name (``grads_rank<r>.safetensors``). The expert-parallel tests compare these files
 between EP degrees to prove expert gradients are not scaled by the EP degree.
 
+``MOE_DIST_DUMP_LOADED=<dir>`` makes a resumed run save, right after the load, what its engine now
+holds (weights and optimizer states) as a DCP folder: the cross-engine tests compare it with the
+checkpoint it loaded, key by key, bitwise.
+
 ``MOE_DIST_STRICT_DEVICE=1`` turns an implicit device into an error (see :func:`strict_device_from_env`).
 """
 
@@ -71,3 +75,16 @@ def dump_probe_logits_from_env(engine: Any, data: Any, rank: int) -> None:
         logits, _ = engine(tokens.to(engine.device), return_aux_loss=False)
     if rank == 0:
         save_file({"tokens": tokens.contiguous(), "logits": logits.float().cpu().contiguous()}, out)
+
+
+def dump_loaded_state_from_env(engine: Any) -> None:
+    """``MOE_DIST_DUMP_LOADED=<dir>``: save the engine's state through the checkpoint's own path
+    (``EngineCheckpoint``), no manifest or train state (collective: every rank calls it)."""
+    out = os.environ.get("MOE_DIST_DUMP_LOADED")
+    if not out:
+        return
+    import torch.distributed.checkpoint as dcp
+
+    from .checkpoint.dcp_state import EngineCheckpoint
+
+    dcp.save(EngineCheckpoint(engine).for_save(), checkpoint_id=out)

@@ -161,6 +161,11 @@ class Settings:
     activation_checkpointing: bool
     sharded_build: bool
     zero: dict
+    engine: str = "deepspeed"
+
+    @property
+    def label(self) -> str:
+        return "FSDP2 (sharded as ZeRO-3)" if self.engine == "fsdp2" else f"ZeRO-{self.zero_stage}"
 
 
 @dataclass
@@ -180,6 +185,15 @@ class Plan:
 def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None) -> Settings:
     """Resolve the run the way the trainer does (build_ds_config), and check the parallel degrees."""
     n, ep = hw.world_size, cfg.parallel.ep_size
+    engine = cfg.parallel.engine
+    if engine == "fsdp2":
+        # FSDP2 shards parameters, gradients and optimizer states over the data-parallel ranks (experts over
+        # their dp ranks) and gathers one unit at a time: ZeRO-3's terms. Its CPUOffloadPolicy moves
+        # parameters and optimizer states together. No launch JSON applies.
+        off = bool(cfg.parallel.offload_optimizer or cfg.parallel.offload_params)
+        cfg = apply_overrides(cfg, {"parallel.zero_stage": 3, "parallel.offload_optimizer": off,
+                                    "parallel.offload_params": off})
+        launch = None
     ds = build_ds_config(cfg, launch if launch is not None else read_launch_json(None), n, hw.accelerator == "cuda")
     z = ds["zero_optimization"]
     stage = int(z["stage"])
@@ -192,7 +206,7 @@ def resolve(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None) -> Sett
         precision="bf16" if ds["bf16"]["enabled"] else "fp32", optimizer=optimizer_kind(ds), ep_size=ep,
         world_size=n, micro_batch=ds["train_micro_batch_size_per_gpu"], seq_len=cfg.train.seq_len,
         grad_accum=ds["gradient_accumulation_steps"], activation_checkpointing=cfg.parallel.activation_checkpointing,
-        sharded_build=cfg.parallel.sharded_build, zero=zero)
+        sharded_build=cfg.parallel.sharded_build, zero=zero, engine=engine)
 
 
 def activation_rows(m: ModelConfig, s: Settings, capacity_factor: Optional[float]) -> list[Consumer]:
@@ -412,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep-size", type=int, help="Expert-parallel degree.")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="Recompute each block in backward.")
+    p.add_argument("--engine", choices=["deepspeed", "fsdp2"],
+                   help="Training engine (default deepspeed); fsdp2 is planned with ZeRO-3's terms.")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="Training precision (default: bf16 on GPU).")
     p.add_argument("--optimizer", choices=["muon", "adamw"], help="Optimizer (Muon also uses AdamW for "
                    "embeddings and norms).")
@@ -444,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     cfg = get_preset(a.preset)
     over: dict[str, Any] = {}
-    for flag, key in (("zero_stage", "parallel.zero_stage"), ("offload_optimizer", "parallel.offload_optimizer"),
+    for flag, key in (("engine", "parallel.engine"), ("zero_stage", "parallel.zero_stage"),
+                      ("offload_optimizer", "parallel.offload_optimizer"),
                       ("offload_params", "parallel.offload_params"), ("ep_size", "parallel.ep_size"),
                       ("activation_checkpointing", "parallel.activation_checkpointing"),
                       ("precision", "parallel.precision"), ("optimizer", "train.optimizer"),
@@ -463,7 +480,7 @@ def render(pl: Plan, preset: str, console: Any) -> None:
     s, pc = pl.settings, pl.params
     off = "+".join(x for x, on in (("optimizer", s.offload_optimizer), ("params", s.offload_params)) if on) or "none"
     console.print(f"[bold]{preset}[/]: {fmt_count(pc.total)} params ({fmt_count(pc.experts)} in routed experts) | "
-                  f"ZeRO-{s.zero_stage}, offload {off}, {s.precision}, {s.optimizer}, world {s.world_size}, "
+                  f"{s.label}, offload {off}, {s.precision}, {s.optimizer}, world {s.world_size}, "
                   f"EP {s.ep_size}, micro {s.micro_batch} x seq {s.seq_len}, grad accum {s.grad_accum}, "
                   f"act. ckpt {'on' if s.activation_checkpointing else 'off'}")
     for rep in (pl.gpu, pl.cpu):

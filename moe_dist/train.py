@@ -128,7 +128,8 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.config import ConfigError
     from moe_dist.data.loader import build_data, check_same_data
     from moe_dist.data.sampler import GlobalCursorSampler
-    from moe_dist.debug import dump_probe_logits_from_env, grad_dump_probe_from_env, strict_device_from_env
+    from moe_dist.debug import (dump_loaded_state_from_env, dump_probe_logits_from_env, grad_dump_probe_from_env,
+                                strict_device_from_env)
     from moe_dist.metrics import MetricsLog
     from moe_dist.param_counts import count_params
     from moe_dist import init_from as init_weights
@@ -174,6 +175,8 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     trainer.grad_probe = grad_dump_probe_from_env(rt.rank)
     ckpt = CheckpointManager(cfg, rt, engine, trainer, tokenizer_spec=data.tokenizer.to_spec())
     resumed_from = ckpt.maybe_resume()
+    if resumed_from:
+        dump_loaded_state_from_env(engine)  # tests: what the load put into the engine
     metrics.truncate_after(trainer.state.step)  # rows past the start step are recomputed: one row per step
     if rt.is_main and cfg.checkpoint.resume != "auto":  # auto skips only damaged later ones: left in place
         later = set_aside_later_checkpoints(cfg.checkpoint.output_dir, resumed_from, trainer.state.step)
@@ -203,7 +206,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     pc = count_params(cfg.model)
     with TrainUI(rt.is_main, cfg.train.max_steps, trainer.state.step, cfg.train.log_every) as ui:
         ui.print(f"[bold]moe_dist[/] preset {cfg.preset}: {pc.total / 1e6:.1f}M params ({pc.active / 1e6:.1f}M active), "
-                 f"world {rt.world_size}, ZeRO-{rt.zero_stage}, EP {cfg.parallel.ep_size}, "
+                 f"world {rt.world_size}, {rt.engine_label}, EP {cfg.parallel.ep_size}, "
                  f"optimizer {rt.optimizer_kind}, {str(next(engine.module.parameters()).dtype).removeprefix('torch.')}"
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")
                  + (f", weights from {init_from}" if init_from and not resumed_from else ""))
@@ -213,7 +216,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         trackers.finish(rt.accelerator, report_to)
         if rt.is_main:
             run_artifacts.plot_loss_curve(cfg.checkpoint.output_dir)
-        ui.summary(metrics.history, {"world size": rt.world_size, "ZeRO stage": rt.zero_stage,
+        ui.summary(metrics.history, {"world size": rt.world_size, "engine": rt.engine_label,
                                      "EP size": cfg.parallel.ep_size,
                                      "checkpoint": saved or "-"})
     if stop["agreed"]:

@@ -91,7 +91,8 @@ def info_report(folder: Path) -> dict[str, Any]:
     missing = layout.missing_parts(folder)
     return {
         "path": str(folder), "step": state.get("step"), "tokens": state.get("tokens"),
-        "world_size": topo.get("world_size"), "zero_stage": topo.get("zero_stage"), "ep_size": topo.get("ep_size"),
+        "world_size": topo.get("world_size"), "engine": topo.get("engine", "deepspeed"),
+        "zero_stage": topo.get("zero_stage"), "ep_size": topo.get("ep_size"),
         "optimizer": topo.get("optimizer"), "bytes": sum(p.stat().st_size for p in files), "files": len(files),
         "saved_at": state.get("saved_at"), "torch": state.get("torch"), "preset": state.get("config", {}).get("preset"),
         **dict(zip(("model", "parameters"), _model_summary(_model_config(folder, state)))),
@@ -163,7 +164,7 @@ def _print_info(info: dict[str, Any]) -> None:
 
     rows = [
         ("step", num(info["step"])), ("tokens", num(info["tokens"])), ("world size", num(info["world_size"])),
-        ("ZeRO stage", num(info["zero_stage"])), ("EP degree", num(info["ep_size"])),
+        ("engine", num(info["engine"])), ("ZeRO stage", num(info["zero_stage"])), ("EP degree", num(info["ep_size"])),
         ("optimizer", num(info["optimizer"])),
         ("size on disk", f"{human_bytes(info['bytes'])} ({info['bytes']:,} bytes)"), ("files", num(info["files"])),
         ("saved at", num(info["saved_at"])), ("preset", num(info["preset"])), ("model", info["model"]),

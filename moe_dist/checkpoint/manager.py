@@ -107,6 +107,13 @@ def _reason(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
 
 
+def _engine_label(topo: dict[str, Any]) -> str:
+    """``ZeRO-2`` or ``FSDP2`` from a saved topology record (older records name no engine: DeepSpeed)."""
+    if topo.get("engine", "deepspeed") == "deepspeed":
+        return f"ZeRO-{topo.get('zero_stage')}"
+    return str(topo["engine"]).upper()
+
+
 class CheckpointManager:
     def __init__(self, cfg, rt, engine, trainer, tokenizer_spec: dict[str, Any]) -> None:  # noqa: ANN001
         self.cfg, self.rt, self.engine, self.trainer = cfg, rt, engine, trainer
@@ -155,7 +162,8 @@ class CheckpointManager:
             "sampler": tr.sampler.state_dict(), "lr_schedule": tr.schedule.state_dict(),
             "config": self.cfg.to_dict(), "tokenizer": self.tokenizer_spec, "data": tr.data.fingerprint,
             "metrics": {"last": hist[-1] if hist else None, "history": hist[-200:]},
-            "topology": {"world_size": self.rt.world_size, "zero_stage": self.rt.zero_stage,
+            "topology": {"world_size": self.rt.world_size, "engine": self.rt.engine,
+                         "zero_stage": self.rt.zero_stage,
                          "ep_size": self.cfg.parallel.ep_size, "optimizer": self.rt.optimizer_kind},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
         }
@@ -320,6 +328,7 @@ class CheckpointManager:
 
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""
+        t0 = time.perf_counter()
         saved = read_train_state(path)
         # one reader for the key check and the load: the .metadata pickle is parsed once, through an
         # allow-list, never trusted
@@ -337,6 +346,7 @@ class CheckpointManager:
         self.trainer.sampler.load_state_dict(saved["sampler"])
         self.trainer.metrics.history[:] = [r for r in saved["metrics"]["history"] if r["step"] <= saved["step"]]
         self.last_saved_step, self.last_saved_path = saved["step"], path
-        self.log.info(f"resumed from {path} at step {saved['step']} (saved on world {topo['world_size']}, "
-                      f"ZeRO-{topo['zero_stage']}, EP {topo['ep_size']}; now world {self.rt.world_size}, "
-                      f"ZeRO-{self.rt.zero_stage}, EP {self.cfg.parallel.ep_size})")
+        self.log.info(f"resumed from {path} at step {saved['step']} in {time.perf_counter() - t0:.2f}s "
+                      f"(saved on world {topo['world_size']}, "
+                      f"{_engine_label(topo)}, EP {topo['ep_size']}; now world {self.rt.world_size}, "
+                      f"{self.rt.engine_label}, EP {self.cfg.parallel.ep_size})")

@@ -1,10 +1,11 @@
 """The distributed world and the engine: what train.py builds before the loop.
 
 ``init_runtime`` starts the processes' group and resolves the engine's config; ``build_engine``
-builds this rank's part of the model (``build_model``: experts sharded, ZeRO-3 partitioned as it is
-made) and hands it to the engine.
-The engine is DeepSpeed ZeRO (``parallel/deepspeed/``); a second engine is a folder beside it and
-one branch in each of these two functions (see ``parallel/engine.py``).
+builds this rank's part of the model (``build_model``: on the meta device, experts sharded, each
+parameter made where the engine keeps it) and hands it to the engine.
+The engine is DeepSpeed ZeRO (``parallel/deepspeed/``, the default) or PyTorch FSDP2
+(``parallel/fsdp2/``, ``parallel.engine = "fsdp2"``): one branch in each function below
+(see ``parallel/engine.py``).
 """
 
 from __future__ import annotations
@@ -29,25 +30,42 @@ class Runtime:
     world_size: int
     device: torch.device
     layout: BatchLayout
-    ds_config: dict[str, Any]
+    ds_config: dict[str, Any]      # DeepSpeed's resolved config; {} under another engine
+    engine: str = "deepspeed"      # parallel.engine
+    engine_settings: Any = None    # another engine's resolved settings (fsdp2: Fsdp2Settings)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def zero_stage(self) -> int:
+    def zero_stage(self) -> Optional[int]:
+        """DeepSpeed's ZeRO stage; None under an engine that has none."""
+        if self.engine != "deepspeed":
+            return None
         return int(self.ds_config["zero_optimization"]["stage"])
 
     @property
     def optimizer_kind(self) -> str:
+        if self.engine != "deepspeed":
+            return self.engine_settings.optimizer
         from .deepspeed.config import optimizer_kind
 
         return optimizer_kind(self.ds_config)
 
+    @property
+    def engine_label(self) -> str:
+        """How logs name the engine and its sharding: ``ZeRO-2``, ``FSDP2``."""
+        return f"ZeRO-{self.zero_stage}" if self.engine == "deepspeed" else "FSDP2"
+
 
 def check_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> None:
     """Refuse wrong degrees or batch sizes before anything is created (no process group, no folder)."""
+    if cfg.parallel.engine == "fsdp2":
+        from .fsdp2.setup import resolve_settings
+
+        resolve_settings(cfg, deepspeed_config)
+        return
     from .deepspeed.setup import resolve_layout
 
     resolve_layout(cfg, deepspeed_config)
@@ -56,6 +74,10 @@ def check_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> None
 def init_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                  accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
     """The process group, batch layout and engine config of this run (every rank calls it)."""
+    if cfg.parallel.engine == "fsdp2":
+        from .fsdp2.setup import init_fsdp2_runtime
+
+        return init_fsdp2_runtime(cfg, deepspeed_config, accelerator_kwargs)
     from .deepspeed.setup import init_deepspeed_runtime
 
     return init_deepspeed_runtime(cfg, deepspeed_config, accelerator_kwargs)
@@ -84,6 +106,8 @@ def build_model(rt: Runtime, cfg: RunConfig,
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing
     for layer in model.moe_layers():
         layer.capacity_factor = cfg.parallel.capacity_factor
+    if rt.engine == "fsdp2":  # FSDP2 shards experts and makes the meta parameters itself (fsdp2/engine.py)
+        return model
     apply_expert_parallel(model, cfg, rt)
     if sharded:
         convert = None
@@ -99,9 +123,13 @@ def build_model(rt: Runtime, cfg: RunConfig,
 def build_engine(rt: Runtime, cfg: RunConfig,
                  fill: Optional[Callable[[str, torch.Tensor], None]] = None) -> tuple[nn.Module, Any]:
     """:func:`build_model`, handed to the engine."""
+    model = build_model(rt, cfg, fill)
+    if rt.engine == "fsdp2":
+        from .fsdp2.engine import prepare_fsdp2_engine
+
+        return model, prepare_fsdp2_engine(rt, model, cfg, fill or model.init_parameter)
     from .deepspeed.setup import prepare_engine
 
-    model = build_model(rt, cfg, fill)
     return model, prepare_engine(rt, model, cfg)
 
 

@@ -237,3 +237,18 @@ def test_b200_18b_launch_config_fits_with_ep_8():
     assert pl.cpu.total < 64 * GiB  # no rank holds the fp32 model
     full = plan(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sharded_build=False)), hw, launch)
     assert full.cpu.total > 500 * GiB
+
+
+def test_fsdp2_is_planned_with_zero3_terms(capsys):
+    """--engine fsdp2: every rank holds 1/dp of parameters, gradients and optimizer states, as ZeRO-3;
+    its one offload policy moves parameters and optimizer states together."""
+    hw = Hardware(gpu_mem=80 * GiB, cpu_mem=512 * GiB, gpus_per_node=8)
+    base = get_preset("b200")
+    z3 = plan(apply_overrides(base, {"parallel.zero_stage": 3}), hw)
+    f2 = plan(apply_overrides(base, {"parallel.engine": "fsdp2"}), hw)
+    assert f2.settings.engine == "fsdp2" and f2.settings.zero_stage == 3
+    assert f2.gpu.total == z3.gpu.total and f2.cpu.total == z3.cpu.total
+    off = plan(apply_overrides(base, {"parallel.engine": "fsdp2", "parallel.offload_optimizer": True}), hw).settings
+    assert off.offload_optimizer and off.offload_params
+    assert main(["--preset", "tiny", "--engine", "fsdp2", "--accelerator", "cpu", "--precision", "fp32"]) == 0
+    assert "FSDP2 (sharded as ZeRO-3)" in capsys.readouterr().out
