@@ -115,7 +115,8 @@ class MoETransformer(nn.Module):
         self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.gradient_checkpointing = False
         # Uninitialised (reset_parameters draws it): Embedding's own normal_ init would, on the meta
-        # device, import torch's Python decompositions (+75 MB of RSS per process, measured).
+        # device, import torch's Python decompositions (+75 MB of RSS per process, measured). No device
+        # named on purpose: the weight is made where every other parameter is (model.build's device).
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
