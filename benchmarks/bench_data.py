@@ -112,22 +112,25 @@ def two_workers(mode: str, corpus: Path, store_dir: Path) -> list[dict[str, Any]
     return outs
 
 
-def train_on_store(ctx: Context, corpus: Path, store_dir: Path, name: str) -> list[dict[str, Any]]:
-    """moe_dist/train.py on 2 gloo ranks, 2 steps, each rank under benchmarks.peak_rss."""
+def train_on_store(ctx: Context, corpus: Path, store_dir: Path, name: str, steps: int = 2) -> list[dict[str, Any]]:
+    """moe_dist/train.py on 2 gloo ranks, ``steps`` steps, each rank under benchmarks.peak_rss."""
     out = ctx.scratch("data", f"train-{name}")
     args = ["-m", "benchmarks.peak_rss", "--", sys.executable, str(REPO_ROOT / "moe_dist" / "train.py"),
-            "--preset", "tiny", "--data-files", str(corpus), "--store-dir", str(store_dir), "--max-steps", "2",
+            "--preset", "tiny", "--data-files", str(corpus), "--store-dir", str(store_dir), "--max-steps", str(steps),
             "--save-every", "0", "--set", "train.eval_every=0", "--output-dir", str(out)]
     ranks = run_distributed(args, 2, timeout=1800, env={"TORCHDYNAMO_DISABLE": "1", **ENV})
     # rank 0's own peak (RUSAGE_SELF, in metrics.jsonl): peak_rss's figure also counts the rank's
     # children, e.g. a compiler when DeepSpeed JIT-rebuilds an op on that rank
-    own = max(json.loads(line)["rss_peak_mb"] for line in (out / "metrics.jsonl").read_text().splitlines() if line)
+    rows_m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    own = max(r["rss_peak_mb"] for r in rows_m)
+    steps_s = sum(r["step_time_s"] for r in rows_m)
     rows = []
     for r in ranks:
         (ctx.out / f"train-{name}-rank{r.rank}.log").write_text(r.output)  # kept: what each rank printed
         probe = json.loads([ln for ln in r.output.splitlines() if ln.startswith('{"returncode"')][-1])
         m = re.search(r"data: .* \((\d+\.\d+)s\)", r.output)
         rows.append({"rank": r.rank, "peak_rss_mb": probe["peak_rss_mb"], "wall_s": probe["seconds"],
+                     "wall_minus_steps_s": probe["seconds"] - steps_s,
                      "data_s": float(m.group(1)) if m else None, "own_peak_rss_mb": own if r.rank == 0 else None})
     return rows
 
@@ -137,6 +140,13 @@ def run(ctx: Context) -> Section:
     sec = Section(TITLE)
     preparation_throughput(ctx, sec)
     store_scaling(ctx, sec)
+    return sec
+
+
+def run_startup_only(ctx: Context) -> Section:
+    """Start-up on a small and a large store, interleaved (section ``data_startup``)."""
+    sec = Section(TITLE + " (start-up on a prepared store only)")
+    store_startup(ctx, sec)
     return sec
 
 
@@ -182,6 +192,48 @@ def preparation_throughput(ctx: Context, sec: Section) -> None:
     sec.data["prepare_tokens_per_s"] = prep
     sec.data["prepare_tokens_per_cpu_s"] = cpu
     sec.data["nice"] = os.nice(0)
+
+
+def store_startup(ctx: Context, sec: Section) -> None:
+    """train.py on 2 ranks, 1 step, on a prepared 10M- and 500M-token store, repetitions interleaved:
+    what the corpus size adds to start-up (the rest, imports and the engine, is the same for both)."""
+    work = ctx.scratch("data")
+    sizes = {"10M": 10_000_000, "500M": 100_000_000 if ctx.quick else 500_000_000}
+    stores = {}
+    for label, size in sizes.items():
+        corpus = make_corpus(work / f"startup-{label}.jsonl", size)
+        stores[label] = (corpus, work / f"startup-stores-{label}", prepare(corpus, work / f"startup-stores-{label}",
+                                                                          "byte", 2)["tokens"])
+    reps = 2 if ctx.quick else 3
+    runs: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in sizes}
+    for r in range(reps):
+        for label in (list(sizes) if r % 2 == 0 else list(sizes)[::-1]):
+            corpus, store_dir, _ = stores[label]
+            runs[label].append(train_on_store(ctx, corpus, store_dir, f"startup-{label}-{r}", steps=1))
+            print(f"  startup {label} rep {r}: {runs[label][-1]}", flush=True)
+    rows = []
+    for label, rr in runs.items():
+        walls = [max(x["wall_s"] for x in run) for run in rr]
+        data_s = [run[0]["data_s"] for run in rr]
+        rss = [max(x["peak_rss_mb"] for x in run) for run in rr]
+        start = [max(x["wall_minus_steps_s"] for x in run) for run in rr]
+        rows.append([label, f"{stores[label][2]:,}", fmt(median(walls)), spread(walls), fmt(median(start)),
+                     spread(start), fmt(median(data_s)), spread(data_s), fmt(median(rss))])
+    small, large = list(sizes)
+    diff = median([max(x["wall_s"] for x in run) for run in runs[large]]) - \
+        median([max(x["wall_s"] for x in run) for run in runs[small]])
+    sec.table(["store", "tokens", "train.py wall s, 1 step (median, slower rank)", "range",
+               "wall minus the step's own time s (start-up and exit)", "range",
+               "data set-up s (rank 0)", "range", "peak RSS MB (larger rank, median)"], rows,
+              caption=f"moe_dist/train.py --preset tiny, 2 gloo ranks, 1 step, no save, on prepared byte-tokenizer "
+                      f"stores; {reps} repetitions, order alternating; the wall time is the whole process "
+                      f"(interpreter, imports, process group, DeepSpeed engine, data, the step, the loss plot). "
+                      f"Median wall difference {large} - {small}: {diff:+.2f} s")
+    sec.data["startup"] = {"runs": runs, "wall_diff_s": diff}
+    for _, store_dir, _ in stores.values():
+        shutil.rmtree(store_dir, ignore_errors=True)
+    for corpus, _, _ in stores.values():
+        os.remove(corpus)
 
 
 def store_scaling(ctx: Context, sec: Section) -> None:

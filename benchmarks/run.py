@@ -46,6 +46,7 @@ SECTIONS = {
     "muon_cpu": "bench_muon_cpu",
     "data": "bench_data",
     "data_prep": "bench_data_prep",
+    "data_startup": "bench_data_startup",
     "startup": "bench_startup",
 }
 
