@@ -46,7 +46,8 @@ def test_checkpoint_layout(runs):
     state = json.loads((ck / f"checkpoint_step_{HALF}" / "train_state.json").read_text())
     assert state["step"] == HALF and state["tokens"] == HALF * 12 * 32
     assert state["sampler"]["samples_consumed"] == HALF * 12
-    assert state["topology"] == {"world_size": 2, "zero_stage": 2, "ep_size": 1, "optimizer": "muon"}
+    assert state["topology"] == {"world_size": 2, "zero_stage": 2, "ep_size": 1, "optimizer": "muon",
+                                 "engine": "deepspeed"}
     assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == sorted([
         "checkpoint_latest", f"checkpoint_step_{HALF}", f"checkpoint_step_{STEPS}"])
 
