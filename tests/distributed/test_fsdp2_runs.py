@@ -1,10 +1,12 @@
 """--engine fsdp2 in everyday use: its options, and the checkpoint guarantees DeepSpeed runs have.
 
-* Activation checkpointing, CPU offload and the full (not meta) build change no number (fp32, CPU); bf16 compute with fp32
-  shards and reduction stays within BF16_REL of fp32 over 3 steps (measured: 1.7e-4).
+* Activation checkpointing, CPU offload and the full (not meta) build change no number (fp32, CPU);
+  bf16 compute with fp32 shards and reduction stays within BF16_REL of fp32 over 3 steps
+  (measured: 1.7e-4).
 * --async-save writes the same checkpoints as a synchronous save and resumes bitwise (a validation
   pass right before each save).
-* A save killed half-way leaves only complete checkpoints; --resume auto continues bitwise.
+* A save killed at any point of the DeepSpeed crash matrix leaves only complete checkpoints; --resume auto
+  continues bitwise (one point in the default set, the others slow).
 * Bad input is refused with one error line: a damaged shard, another architecture, and the flags
   that do not apply to FSDP2.
 """
@@ -21,6 +23,7 @@ from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.manifest import verify_manifest
 
 from .test_bad_inputs import _flip_bit, error_line
+from .test_crash_safety import FAULT_STEP, FAULTS, STEPS, _assert_latest_is_complete
 from .trainrun import by_step, losses, metrics, train
 
 pytestmark = pytest.mark.distributed
@@ -69,20 +72,34 @@ def test_async_save_and_resume(tmp_path):
     assert [b[s]["loss"] for s in (3, 4)] == [a[s]["loss"] for s in (3, 4)]
 
 
-def test_kill_during_save_then_resume_auto(tmp_path):
-    args = ("--max-steps", "4", "--save-every", "2", *FSDP2)
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    train(ref, 2, *args)
-    res = train(out, 2, *args, env={"MOE_DIST_FAULT": "before_metadata@0", "MOE_DIST_FAULT_STEP": "4"},
+KILL_ARGS = ("--max-steps", str(STEPS), "--save-every", "2", *FSDP2)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_crash") / "ref"
+    train(out, 2, *KILL_ARGS)
+    return losses(out)
+
+
+# Every kill point of the DeepSpeed crash matrix (test_crash_safety.FAULTS); one in the default set.
+@pytest.mark.parametrize("point, rank, resume_step", [
+    pytest.param(*f, marks=() if f[0] == "before_metadata" else pytest.mark.slow) for f in FAULTS],
+    ids=[f[0] for f in FAULTS])
+def test_kill_during_save_then_resume_auto(fsdp2_reference, tmp_path, point, rank, resume_step):
+    out = tmp_path / "run"
+    res = train(out, 2, *KILL_ARGS, env={"MOE_DIST_FAULT": f"{point}@{rank}", "MOE_DIST_FAULT_STEP": str(FAULT_STEP)},
                 timeout=240, check=False)
-    assert res[0].returncode == -signal.SIGKILL, res[0].output[-2000:]
+    assert res[rank].returncode == -signal.SIGKILL, res[rank].output[-2000:]
+    assert res[1 - rank].returncode != 0  # hung in a collective (killed by the harness) or failed
     root = out / "checkpoints"
-    assert [s for s, _ in layout.complete_checkpoints(root)] == [2]
-    res = train(out, 2, *args, "--resume", "auto", timeout=240)
-    assert f"resumed from {root / layout.step_dir_name(2)} at step 2" in res[0].output
+    assert [s for s, _ in layout.complete_checkpoints(root)] == ([2, 4] if resume_step == 4 else [2])
+    _assert_latest_is_complete(root, 4 if point == "after_latest" else 2)
+    res = train(out, 2, *KILL_ARGS, "--resume", "auto", timeout=240)
+    assert f"resumed from {root / layout.step_dir_name(resume_step)} at step {resume_step}" in res[0].output
     assert "FSDP2, EP 1" in res[0].output
-    assert [s for s, _ in layout.complete_checkpoints(root)] == [2, 4]
-    assert losses(out) == losses(ref)
+    assert [s for s, _ in layout.complete_checkpoints(root)] == list(range(2, STEPS + 1, 2))
+    assert losses(out) == fsdp2_reference
 
 
 @pytest.fixture(scope="module")
