@@ -4,7 +4,7 @@ A factory call without ``device=`` is harmless on CPU and a crash on a GPU (a CP
 ones, or handed to an NCCL collective). ``MOE_DIST_STRICT_DEVICE=1`` makes the trainer, ``moe-consolidate``
 and ``moe-generate`` set the default device to ``meta`` once their model is built, so such a tensor
 fails here too (see ``moe_dist.debug.strict_device_from_env``). These tests run every path in that
-mode: train steps under ZeRO-1/2/3 and EP 1/2, fp32 and bf16, with and without ``--async-save``,
+mode: train steps under ZeRO-1/2/3 and FSDP2, EP 1/2, fp32 and bf16, with and without ``--async-save``,
 evaluation, a save, a resume, consolidation and generation.
 """
 
@@ -29,6 +29,8 @@ LAYOUTS = {
     "zero2-ep1-async": ["--zero-stage", "2", "--async-save"],
     "zero2-ep2": ["--zero-stage", "2", "--ep-size", "2"],
     "zero3-ep1-bf16": ["--zero-stage", "3", "--set", "parallel.precision=bf16"],
+    "fsdp2-ep2-bf16": ["--engine", "fsdp2", "--ep-size", "2", "--set", "parallel.precision=bf16"],
+    "fsdp2-ep1-async": ["--engine", "fsdp2", "--async-save"],
 }
 
 
@@ -42,8 +44,9 @@ def _strict_train(out, *args):
 def test_train_eval_save_resume_name_every_device(tmp_path, name):
     out = tmp_path / "run"
     first = _strict_train(out, "--stop-at-step", "2", *LAYOUTS[name])
-    dtype = "bfloat16" if "bf16" in name else "float32"
-    assert f"optimizer muon, {dtype}" in first  # the engine's parameters really are in that dtype
+    # The engine's parameters really are in that dtype; FSDP2's are its fp32 shards (bf16 is its compute dtype).
+    dtype = "bfloat16" if "bf16" in name and not name.startswith("fsdp2") else "float32"
+    assert f"optimizer muon, {dtype}" in first
     second = _strict_train(out, "--resume", "auto", *LAYOUTS[name])
     assert "resumed from" in second and "at step 2" in second
     rows = metrics(out)
