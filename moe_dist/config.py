@@ -116,6 +116,12 @@ class ParallelConfig:
         _require(self.capacity_factor is None or self.capacity_factor > 0, s, "capacity_factor", "> 0 or None", self.capacity_factor)
         _require(self.precision in ("auto", "fp32", "bf16"), s, "precision", "'auto', 'fp32' or 'bf16'", self.precision)
 
+    def resolved_precision(self, on_gpu: bool) -> str:
+        """'fp32' or 'bf16': what ``precision`` means on this machine (the rule every engine follows)."""
+        if self.precision == "auto":
+            return "bf16" if on_gpu else "fp32"
+        return self.precision
+
 
 @dataclass
 class TrainConfig:
@@ -165,6 +171,12 @@ class TrainConfig:
             self.report_to = [p.strip() for p in self.report_to.split(",") if p.strip()]
         for name in self.report_to:
             _require(name in ("tensorboard", "wandb", "none"), s, "report_to", "'tensorboard', 'wandb' or 'none'", name)
+
+    def clip_norm(self) -> float:
+        """The gradient-norm clip ``grad_clip`` asks for (its help: None = 1.0 with AdamW, off with Muon)."""
+        if self.grad_clip is None:
+            return 0.0 if self.optimizer == "muon" else 1.0
+        return float(self.grad_clip)
 
 
 @dataclass

@@ -10,6 +10,7 @@ The engine is DeepSpeed ZeRO (``parallel/deepspeed/``, the default) or PyTorch F
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -57,6 +58,16 @@ class Runtime:
     def engine_label(self) -> str:
         """How logs name the engine and its sharding: ``ZeRO-2``, ``FSDP2``."""
         return f"ZeRO-{self.zero_stage}" if self.engine == "deepspeed" else "FSDP2"
+
+
+def single_process_defaults() -> None:
+    """Plain ``python moe_dist/train.py`` (no launcher): the env:// rendezvous of a one-rank process
+    group still reads these; a value already set (a launcher, the user) wins."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000)),
+                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
 
 
 def check_layout(cfg: RunConfig, deepspeed_config: Optional[str] = None) -> None:

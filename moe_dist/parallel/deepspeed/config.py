@@ -38,12 +38,6 @@ def read_launch_json(path: Optional[str]) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def resolve_precision(cfg: RunConfig, on_gpu: bool) -> str:
-    if cfg.parallel.precision == "auto":
-        return "bf16" if on_gpu else "fp32"
-    return cfg.parallel.precision
-
-
 def muon_supported(zero_stage: int, ds: dict[str, Any]) -> bool:
     """DeepSpeed's Muon runs under ZeRO-1/2, and under ZeRO-3 only without reduce-scatter."""
     if zero_stage < 3:
@@ -77,7 +71,7 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
         raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, found stage {stage}; use --zero-stage 3")
 
-    precision = resolve_precision(cfg, on_gpu)
+    precision = cfg.parallel.resolved_precision(on_gpu)
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": False}
 
@@ -106,7 +100,7 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
             "lr": t.adamw_lr, "muon_lr": t.muon_lr, "adam_lr": t.adamw_lr, "momentum": t.muon_momentum,
             "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
     else:
-        ds["gradient_clipping"] = 1.0 if t.grad_clip is None else t.grad_clip
+        ds["gradient_clipping"] = t.clip_norm()
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.adamw_lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay}}
     if not on_gpu and zero.get("offload_optimizer", {}).get("device", "none") == "none":

@@ -20,7 +20,7 @@ from ...config import RunConfig
 from ...logging_utils import get_logger, quiet_third_party
 from ...optim import param_groups, tag_parameters
 from ..dims import BatchLayout, batch_layout, validate_ep
-from ..runtime import Runtime
+from ..runtime import Runtime, single_process_defaults
 from .config import build_ds_config, read_launch_json
 from .cuda_arch import fix_arch_list_for_deepspeed
 from .jit_locks import warn_stale_build_locks
@@ -74,14 +74,7 @@ def init_deepspeed_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = Non
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, layout = resolve_layout(cfg, deepspeed_config)
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
-    if world_size == 1:
-        # Plain `python moe_dist/train.py`: DeepSpeed still wants a (single-rank) process group.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")  # torch's env:// rendezvous reads all four
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    single_process_defaults()  # plain `python moe_dist/train.py`: DeepSpeed still wants a process group
     # We hand Accelerate a complete DeepSpeed config; the launcher's copies of the YAML's DeepSpeed
     # fields would make it refuse ("will be ignored") although they are already merged in.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)

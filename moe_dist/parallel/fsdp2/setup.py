@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ...config import ConfigError, RunConfig
 from ...logging_utils import get_logger, quiet_third_party, warn_once
 from ..dims import batch_layout, validate_ep
-from ..runtime import Runtime
+from ..runtime import Runtime, single_process_defaults
 
 
 @dataclass(frozen=True)
@@ -65,25 +65,15 @@ def resolve_settings(cfg: RunConfig, deepspeed_config: Optional[str] = None,
     batch_layout(cfg, world)
     validate_ep(cfg, world)
     on_gpu = torch.cuda.is_available()
-    precision = p.precision if p.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    if t.grad_clip is None:
-        clip = 0.0 if t.optimizer == "muon" else 1.0  # the rule DeepSpeed runs follow (train.grad_clip's help)
-    else:
-        clip = float(t.grad_clip)
-    return Fsdp2Settings(dp_size=world // p.ep_size, ep_size=p.ep_size, precision=precision,
+    return Fsdp2Settings(dp_size=world // p.ep_size, ep_size=p.ep_size, precision=p.resolved_precision(on_gpu),
                          cpu_offload=bool(p.offload_optimizer or p.offload_params), optimizer=t.optimizer,
-                         grad_clip=clip)
+                         grad_clip=t.clip_norm())
 
 
 def _init_process_group(on_gpu: bool) -> None:
     if dist.is_initialized():
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # plain `python moe_dist/train.py`
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    single_process_defaults()  # plain `python moe_dist/train.py`
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
 
 
