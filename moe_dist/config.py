@@ -107,9 +107,16 @@ class ParallelConfig:
         True, "Build only this rank's part of the model at start-up (meta device, then each module's parameters "
               "in the training dtype, partitioned at once under ZeRO-3). False: every rank builds the full fp32 "
               "model on the CPU first (more host memory; kept to measure against).")
+    expert_kernel: str = _f("auto", "How experts compute: 'grouped' (torch._grouped_mm over the stacked experts, no "
+                                    "host sync), 'loop' (one matmul chain per expert) or 'auto' (grouped where it runs "
+                                    "on the device and dtype, else loop; the choice is logged at start).")
+    compile: bool = _f(False, "torch.compile each transformer block (regional compilation; the first steps "
+                              "pay the compile time).")
 
     def __post_init__(self) -> None:
         s = "parallel"
+        _require(self.expert_kernel in ("auto", "grouped", "loop"), s, "expert_kernel", "'auto', 'grouped' or 'loop'",
+                 self.expert_kernel)
         _require(self.engine in ("deepspeed", "fsdp2"), s, "engine", "'deepspeed' or 'fsdp2'", self.engine)
         _require(self.zero_stage in (None, 0, 1, 2, 3), s, "zero_stage", "0, 1, 2 or 3", self.zero_stage)
         _require(int(self.ep_size) >= 1, s, "ep_size", "a positive integer", self.ep_size)

@@ -136,6 +136,7 @@ def _check_source(path: str, name: str, found: Optional[tuple[int, ...]], t: tor
 @torch.no_grad()
 def load(path: str, model: nn.Module) -> None:
     """Copy the source's weights into ``model`` (a full model, every parameter present)."""
+    from .model import per_expert_fill
     from .parallel.materialize import fill_full
 
-    fill_full(model, reader(path))
+    fill_full(model, per_expert_fill(model, reader(path)))

@@ -19,42 +19,42 @@ import torch.distributed as dist
 
 @dataclass
 class StepAccumulator:
-    """Sums over the micro-batches of one optimizer step on one rank.
+    """Sums over the micro-batches of one optimizer step on one rank, kept on ``device``.
 
-    ``device`` is the engine's device: :meth:`reduce` all-reduces on the default process group,
-    whose backend serves that device (NCCL: CUDA tensors, gloo: CPU tensors)."""
+    Nothing here reads a device value back per micro-batch: the sums stay tensors until
+    :meth:`reduce`, which all-reduces them on the default process group (whose backend serves
+    ``device``: NCCL CUDA tensors, gloo CPU ones) and reads them back in one transfer."""
 
     num_experts: int
     device: torch.device
-    ce_sum: float = 0.0
-    aux_sum: float = 0.0
-    correct: int = 0
     targets: int = 0
     micro_batches: int = 0
-    dropped: int = 0
-    tokens_per_expert: Optional[torch.Tensor] = None
+    sums: Optional[torch.Tensor] = None  # float64 [ce, aux, correct, dropped, tokens of each expert (E)]
 
     def add(self, ce: torch.Tensor, aux: Optional[torch.Tensor], logits: torch.Tensor, targets: torch.Tensor,
-            expert_counts: Optional[torch.Tensor], dropped: int) -> None:
-        self.ce_sum += float(ce.detach())
-        self.aux_sum += float(aux.detach()) if aux is not None else 0.0
-        self.correct += int((logits.detach().argmax(-1) == targets).sum())
+            expert_counts: Optional[torch.Tensor], dropped: Optional[torch.Tensor]) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        parts = [ce.detach().double(), aux.detach().double() if aux is not None else zero,
+                 (logits.detach().argmax(-1) == targets).sum().double(),
+                 dropped.double() if dropped is not None else zero]
+        counts_E = (expert_counts.detach().double() if expert_counts is not None
+                    else torch.zeros(self.num_experts, dtype=torch.float64, device=self.device))
+        vec = torch.cat([torch.stack([t.to(self.device) for t in parts]), counts_E.to(self.device)])
+        self.sums = vec if self.sums is None else self.sums + vec
         self.targets += targets.numel()
         self.micro_batches += 1
-        self.dropped += int(dropped)
-        if expert_counts is not None:
-            c = expert_counts.detach().to(device=self.device, dtype=torch.float64)
-            self.tokens_per_expert = c if self.tokens_per_expert is None else self.tokens_per_expert + c
 
     def reduce(self) -> dict[str, Any]:
-        """All-reduce across ranks; every rank gets the same numbers (cheap: one small tensor)."""
-        counts_E = self.tokens_per_expert if self.tokens_per_expert is not None else torch.zeros(
-            self.num_experts, dtype=torch.float64, device=self.device)
-        vec = torch.cat([torch.tensor([self.ce_sum, self.aux_sum, self.correct, self.targets, self.micro_batches,
-                                       self.dropped], dtype=torch.float64, device=self.device), counts_E])
+        """All-reduce across ranks; every rank gets the same numbers (one small tensor, one read-back)."""
+        sums = self.sums if self.sums is not None else torch.zeros(4 + self.num_experts, dtype=torch.float64,
+                                                                   device=self.device)
+        vec = torch.cat([sums, torch.tensor([self.targets, self.micro_batches], dtype=torch.float64,
+                                            device=self.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
-        ce, aux, correct, n_targets, n_micro, dropped = vec[:6].tolist()
+        values = vec.tolist()
+        ce, aux, correct, dropped = values[:4]
+        n_targets, n_micro = values[-2:]
         loss = ce / max(n_micro, 1)
         return {
             "loss": loss,
@@ -62,7 +62,7 @@ class StepAccumulator:
             "accuracy": correct / max(n_targets, 1),
             "perplexity": math.exp(min(loss, 50.0)),
             "dropped_tokens": int(dropped),
-            "expert_tokens": [int(x) for x in vec[6:].tolist()],
+            "expert_tokens": [int(x) for x in values[4:-2]],
         }
 
 

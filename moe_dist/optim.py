@@ -42,9 +42,15 @@ def uses_muon(name: str, param: torch.Tensor) -> bool:
 
 
 def tag_parameters(model: nn.Module) -> None:
-    """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all)."""
+    """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all), and
+    ``param.is_expert_group`` on the stacked expert matrices: DeepSpeed's Muon (``muon_update``)
+    then orthogonalises each expert's matrix on its own, as for one 2-D parameter per expert."""
+    from .model import stacked_experts
+
+    stacked = stacked_experts(model)
     for name, p in model.named_parameters():
         p.use_muon = uses_muon(name, p)
+        p.is_expert_group = name in stacked
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

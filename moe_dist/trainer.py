@@ -67,13 +67,15 @@ class Trainer:
         self.grad_probe: Optional[Callable[[Any, int], None]] = None
 
     # ------------------------------------------------------------------ one step
-    def _moe_stats(self) -> tuple[Optional[torch.Tensor], int]:
-        counts, dropped = None, 0
+    def _moe_stats(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Tokens per expert and dropped assignments of the last forward, summed over layers (on the device)."""
+        counts, dropped = None, None
         for layer in self.model.moe_layers():
-            c = getattr(layer, "last_tokens_per_expert", None)
+            c, d = layer.last_tokens_per_expert, layer.last_dropped
             if c is not None:
                 counts = c.clone() if counts is None else counts + c
-            dropped += int(getattr(layer, "last_dropped", 0))
+            if d is not None:
+                dropped = d.clone() if dropped is None else dropped + d
         return counts, dropped
 
     def train_step(self) -> dict[str, Any]:

@@ -121,6 +121,36 @@ class Fragment:
         return {k: v for k, v in self.owner.items() if is_scalar(v)}
 
 
+def split_rows(fragments: list[Fragment], rows: dict[str, list[str]]) -> list[Fragment]:
+    """Fragments of stacked parameters cut into one fragment per row of dimension 0, each under its
+    own name: ``rows[name][j]`` names row ``j`` of parameter ``name`` (a stacked expert matrix
+    ``(El, F, D)`` becomes ``El`` matrices ``(F, D)``). Other fragments pass through. The pieces are
+    views of the same storage; a run that starts or ends inside a row gives that row a partial run.
+
+    Legend: R row numel (the product of the dimensions after the first), j a row."""
+    out: list[Fragment] = []
+    for f in fragments:
+        names = rows.get(f.name)
+        if names is None:
+            out.append(f)
+            continue
+        if len(names) != f.shape[0] or f.aliases:
+            raise ValueError(f"{f.name}: {len(names)} row names for a stacked parameter of shape {f.shape}"
+                             f"{' with aliases ' + str(f.aliases) if f.aliases else ''}")
+        R = math.prod(f.shape[1:])
+        for j in range(f.offset // R, -(-(f.offset + f.n) // R)):
+            lo, hi = max(f.offset, j * R), min(f.offset + f.n, (j + 1) * R)
+
+            def cut(t: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
+                return t.narrow(0, lo - f.offset, hi - lo)
+
+            out.append(Fragment(names[j], tuple(f.shape[1:]), lo - j * R, cut(f.master),
+                                states={k: cut(v) for k, v in f.states.items()},
+                                whole_states={k: v.narrow(0, j * R, R) for k, v in f.whole_states.items()},
+                                owner=f.owner))
+    return out
+
+
 def is_scalar(v: Any) -> bool:
     """A Python number (not a bool) or a 0-dim tensor: torch's Adam keeps ``step`` as the latter."""
     if torch.is_tensor(v):

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .moe import Expert, LocalDispatcher, MoEFeedForward, Routing, flatten_assignments, route
+from .experts import Expert, GroupedExperts, expert_key, per_expert_fill, select_expert_kernel, stacked_experts
+from .moe import LocalDispatcher, MoEFeedForward, Routing, flatten_assignments, route
 from .transformer import MoE18BLLM, MoETransformer
 
 
@@ -23,5 +24,5 @@ def build(cfg: ModelConfig, device: Optional[str | torch.device] = None) -> MoET
         return MoETransformer(cfg)
 
 
-__all__ = ["Expert", "LocalDispatcher", "MoE18BLLM", "MoEFeedForward", "MoETransformer", "Routing", "build",
-           "flatten_assignments", "route"]
+__all__ = ["Expert", "GroupedExperts", "LocalDispatcher", "MoE18BLLM", "MoEFeedForward", "MoETransformer", "Routing",
+           "build", "expert_key", "per_expert_fill", "flatten_assignments", "route", "select_expert_kernel", "stacked_experts"]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from .experts import per_expert_fill
 from .moe import MoEFeedForward
 
 
@@ -144,7 +145,11 @@ class MoETransformer(nn.Module):
         not grow with depth (GPT-2). Each matrix is drawn on the CPU in fp32 from a generator seeded by
         ``init_seed`` and its name alone, so a parameter's value does not depend on which others a
         process builds: a rank that builds only its experts, or one parameter at a time, gets the
-        same bits as a full build."""
+        same bits as a full build. A stacked expert matrix is drawn row by row, each expert under
+        its own name (``experts.<e>.w_up.weight``), so its values are those of a per-expert model."""
+        per_expert_fill(self, self._init_one)(name, t)
+
+    def _init_one(self, name: str, t: torch.Tensor) -> None:
         if t.ndim == 1:
             t.fill_(1.0)
             return

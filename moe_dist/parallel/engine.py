@@ -16,7 +16,7 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-from ..checkpoint.fragment import Fragment
+from ..checkpoint.fragment import Fragment, split_rows
 
 
 class Engine(Protocol):
@@ -59,3 +59,30 @@ class Engine(Protocol):
 
     def sync_weights_from_masters(self) -> None:
         """Make the weights the model computes with equal the fp32 masters after a load (collective)."""
+
+
+def _expert_rows(module: nn.Module) -> dict[str, list[str]]:
+    """{stacked expert matrix name: the per-expert name of each of its rows} of ``module``."""
+    from ..model import expert_key, stacked_experts
+
+    return {name: [expert_key(name, first + j) for j in range(k)]
+            for name, (first, k) in stacked_experts(module).items()}
+
+
+def per_expert_fragments(module: nn.Module, fragments: list[Fragment]) -> list[Fragment]:
+    """An engine's fragments as the checkpoint names parameters: stacked expert matrices cut into one
+    fragment per expert under its global name (``...experts.<e>.w_up.weight``), so checkpoints keep
+    per-expert keys whatever the layout in memory. Every engine returns these."""
+    return split_rows(fragments, _expert_rows(module))
+
+
+def per_expert_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{parameter name: whole tensor} with each stacked expert matrix cut into its experts' rows."""
+    rows = _expert_rows(module)
+    out = {}
+    for name, t in tensors.items():
+        if name in rows:
+            out.update({key: t[j].contiguous() for j, key in enumerate(rows[name])})
+        else:
+            out[name] = t
+    return out

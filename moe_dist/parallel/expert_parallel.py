@@ -4,8 +4,8 @@ Applied from outside the model (the model knows nothing of it), and engine-neutr
 creates the groups and tells its optimizer about expert parameters (DeepSpeed:
 ``parallel/deepspeed/experts.py``), then :func:`shard_experts`
 
-1. deletes non-local experts from each layer's ``experts`` ModuleDict. Keys are global expert
-   indices, so parameter names (and checkpoint keys) stay global: no two EP ranks share a key;
+1. keeps this rank's rows of each layer's stacked expert matrices (``GroupedExperts.keep``). The
+   experts keep their global ids, so checkpoint keys stay global: no two EP ranks share a key;
 2. replaces the layer's dispatcher with :class:`ExpertParallelDispatcher`: counts first, then
    tokens, through ``all_to_all``; results come back the same way.
 
@@ -47,56 +47,48 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ExpertParallelDispatcher:
-    """Route (token, expert) assignments to the EP rank owning the expert and combine the results."""
+    """Route (token, expert) assignments to the EP rank owning the expert and combine the results.
+
+    One host sync per layer forward: the all-to-all split sizes, fetched in one transfer. Capacity
+    drops keep their rows (weight 0) so that no shape depends on a device value."""
 
     def __init__(self, group: Any, ep_size: int, ep_rank: int, num_experts: int) -> None:
         self.group, self.ep_size, self.ep_rank, self.num_experts = group, ep_size, ep_rank, num_experts
         self.local_ids = local_expert_ids(num_experts, ep_size, ep_rank)
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,
-                 experts: nn.ModuleDict, capacity_factor: Optional[float]) -> tuple[torch.Tensor, int]:
-        from ..model.moe import flatten_assignments
+                 experts: nn.Module, capacity_factor: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..model.moe import combine, flatten_assignments
 
-        T, D = x_TD.shape
-        E, P, El = self.num_experts, self.ep_size, len(self.local_ids)
-        # Kept assignments sorted by expert (stable: token order inside an expert), as in LocalDispatcher.
-        expert_A, token_A, weight_A, dropped = flatten_assignments(topk_idx_TK, topk_w_TK, E, capacity_factor)
-        counts_E = torch.bincount(expert_A, minlength=E)
+        P, El = self.ep_size, len(self.local_ids)
+        # Assignments sorted by expert (stable: token order inside an expert), as in LocalDispatcher.
+        a = flatten_assignments(topk_idx_TK, topk_w_TK, self.num_experts, capacity_factor)
 
         # 1) counts: for each destination rank, how many rows of each of its experts we send.
-        recv_counts = torch.empty(P * El, dtype=counts_E.dtype, device=counts_E.device)  # [source rank, local expert]
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
-        in_splits = counts_E.view(P, El).sum(1).tolist()                 # rows sent to each rank
-        out_splits = recv_counts.view(P, El).sum(1).tolist()             # rows received from each rank
+        recv_PEl = torch.empty(P * El, dtype=a.counts_E.dtype, device=a.counts_E.device)  # [source rank, local expert]
+        dist.all_to_all_single(recv_PEl, a.counts_E, group=self.group)
+        # The one host sync: rows sent to / received from each rank, in one transfer.
+        splits = torch.cat([a.counts_E.view(P, El).sum(1), recv_PEl.view(P, El).sum(1)]).tolist()
+        in_splits, out_splits = splits[:P], splits[P:]
 
-        # 2) tokens: rows arrive grouped by source rank, then by local expert.
-        x_R = _AllToAll.apply(x_TD[token_A], out_splits, in_splits, self.group)
-        local_R = torch.repeat_interleave(torch.arange(El, device=recv_counts.device).repeat(P), recv_counts)
-        order_R = torch.argsort(local_R, stable=True)                    # expert-major order
-        per_expert = recv_counts.view(P, El).sum(0).tolist()
-        outs, start = [], 0
-        xs = x_R[order_R]
-        for j, n in enumerate(per_expert):
-            # Every local expert runs, on zero rows if need be, so its params always get a gradient.
-            outs.append(experts[str(self.local_ids[j])](xs[start:start + n]))
-            start += n
-        y_sorted = torch.cat(outs, 0) if outs else xs
+        # 2) tokens: rows arrive grouped by source rank, then by local expert; sort them expert-major.
+        x_R = _AllToAll.apply(x_TD.index_select(0, a.token_A), out_splits, in_splits, self.group)
+        local_R = torch.repeat_interleave(torch.arange(El, device=recv_PEl.device).repeat(P), recv_PEl,
+                                          output_size=sum(out_splits))
+        order_R = torch.argsort(local_R, stable=True)
+        y_sorted = experts(x_R.index_select(0, order_R), recv_PEl.view(P, El).sum(0))
         y_R = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)  # back to arrival order
 
         # 3) results go home; weight and sum per token.
         y_A = _AllToAll.apply(y_R, in_splits, out_splits, self.group)
-        y_TD = torch.zeros_like(x_TD)
-        y_TD.index_add_(0, token_A, y_A * weight_A.unsqueeze(1).to(y_A.dtype))
-        return y_TD, dropped
+        return combine(y_A, a, x_TD), a.dropped
 
 
 def shard_experts(model: nn.Module, num_experts: int, ep_group: Any, ep_size: int, ep_rank: int) -> range:
-    """Keep this EP rank's experts in every MoE layer and route through ``ep_group``; returns the
-    global ids kept."""
+    """Keep this EP rank's experts (rows of the stacked matrices) in every MoE layer and route
+    through ``ep_group``; returns the global ids kept."""
     keep = local_expert_ids(num_experts, ep_size, ep_rank)
     for layer in model.moe_layers():
-        for key in list(layer.experts.keys()):
-            if int(key) not in keep:
-                del layer.experts[key]
+        layer.experts.keep(keep)
         layer.dispatcher = ExpertParallelDispatcher(ep_group, ep_size, ep_rank, num_experts)
     return keep

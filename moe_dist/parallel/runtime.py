@@ -112,6 +112,8 @@ def build_model(rt: Runtime, cfg: RunConfig,
     torch.manual_seed(cfg.train.seed)
     sharded = cfg.parallel.sharded_build
     model = lm.build(cfg.model, "meta" if sharded else None)
+    if fill is not None:
+        fill = lm.per_expert_fill(model, fill)  # readers know per-expert names; the model stacks experts
     if not sharded and fill is not None:
         fill_full(model, fill)
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing
@@ -134,11 +136,21 @@ def build_model(rt: Runtime, cfg: RunConfig,
 def build_engine(rt: Runtime, cfg: RunConfig,
                  fill: Optional[Callable[[str, torch.Tensor], None]] = None) -> tuple[nn.Module, Any]:
     """:func:`build_model`, handed to the engine."""
+    from .. import model as lm
+    from ..logging_utils import get_logger
+
     model = build_model(rt, cfg, fill)
+    bf16 = (cfg.parallel.resolved_precision(rt.device.type == "cuda") == "bf16" if rt.engine == "fsdp2"
+            else rt.ds_config["bf16"]["enabled"])
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kernel = lm.select_expert_kernel(model, cfg.parallel.expert_kernel, rt.device, dtype)
+    get_logger().info(f"experts: {kernel} kernel on {rt.device.type} in {str(dtype).removeprefix('torch.')} "
+                      f"(parallel.expert_kernel={cfg.parallel.expert_kernel})")
     if rt.engine == "fsdp2":
         from .fsdp2.engine import prepare_fsdp2_engine
 
-        return model, prepare_fsdp2_engine(rt, model, cfg, fill or model.init_parameter)
+        fill = lm.per_expert_fill(model, fill) if fill is not None else model.init_parameter
+        return model, prepare_fsdp2_engine(rt, model, cfg, fill)
     from .deepspeed.setup import prepare_engine
 
     return model, prepare_engine(rt, model, cfg)

@@ -28,6 +28,8 @@ from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_ou
 from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
 from moe_dist import model as lm
 
+from moe_dist.parallel.engine import per_expert_tensors
+
 from ..corrupt import flip_bits
 
 TINY = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=48, num_experts=4, top_k=2, max_seq_len=32)
@@ -43,9 +45,11 @@ def make_checkpoint(root: Path, model_kw: dict, step: int = 7, seed: int = 0, ch
     model = lm.build(cfg.model)
     folder = root / "checkpoints" / layout.step_dir_name(step)
     folder.mkdir(parents=True)
-    params = {"model." + k: p.detach().float() for k, p in model.named_parameters(remove_duplicate=False)}
+    # Checkpoint names: each stacked expert matrix as one tensor per expert (parallel.engine.per_expert_*).
+    named = per_expert_tensors(model, {k: p.detach().float() for k, p in model.named_parameters(remove_duplicate=False)})
+    params = {"model." + k: v for k, v in named.items()}
     sd = dict(params)
-    for k, v in model.named_parameters():
+    for k, v in per_expert_tensors(model, dict(model.named_parameters())).items():
         sd[f"optim.state.{k}.exp_avg"] = torch.randn(v.shape)
         sd[f"optim.state.{k}.step"] = torch.tensor(3.0)
     with warnings.catch_warnings():

@@ -51,8 +51,11 @@ def test_muon_matrices_are_the_models_muon_params(model):
     from moe_dist import model as lm
     from moe_dist.optim import uses_muon
 
+    from moe_dist.parallel.engine import per_expert_tensors
+
     net = lm.build(model)
-    real = Counter(tuple(p.shape) for n, p in net.named_parameters() if uses_muon(n, p))
+    muon = {n: p for n, p in net.named_parameters() if uses_muon(n, p)}
+    real = Counter(tuple(t.shape) for t in per_expert_tensors(net, muon).values())  # Muon runs per expert
     ours = Counter()
     for x in muon_matrices(model):
         ours[(x.rows, x.cols)] += x.count

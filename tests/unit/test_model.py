@@ -36,8 +36,12 @@ def test_shapes_and_names():
     logits, aux = model(torch.randint(0, cfg.vocab_size, (3, 10)))
     assert logits.shape == (3, 10, cfg.vocab_size) and aux.ndim == 0
     names = dict(model.named_parameters())
-    assert "layers.1.ffn.experts.3.w_down.weight" in names and "layers.0.ffn.router.weight" in names
+    assert names["layers.1.ffn.experts.w_down"].shape == (cfg.num_experts, cfg.d_model, cfg.d_ff)  # stacked
+    assert "layers.0.ffn.router.weight" in names
     assert "lm_head.weight" not in names  # tied: one parameter, named once
+    sd = model.state_dict()  # every expert under its own global name, as checkpoints store them
+    assert torch.equal(sd["layers.1.ffn.experts.3.w_down.weight"], names["layers.1.ffn.experts.w_down"][3])
+    assert "layers.1.ffn.experts.w_down" not in sd
     assert not any("rope" in k for k in model.state_dict())
     assert len(list(model.moe_layers())) == cfg.n_layers and MoE18BLLM is MoETransformer
 
@@ -111,7 +115,7 @@ def test_init_scales_output_projections():
     model = build(cfg)
     assert abs(model.layers[0].attn.wq.weight.std().item() - 0.02) < 0.002
     assert abs(model.layers[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.0005
-    assert abs(model.layers[0].ffn.experts["0"].w_down.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(model.layers[0].ffn.experts.w_down[0].std().item() - 0.02 / 4) < 0.0005
     assert torch.equal(model.norm.weight, torch.ones(cfg.d_model))
 
 
@@ -151,12 +155,20 @@ def test_router_noise_only_in_training():
 
 
 # --------------------------------------------------------------------------- dispatch
+def one_expert(experts, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` of stacked experts, written out: down(silu(gate x) * up x) or down(silu(up x))."""
+    up = x_ND @ experts.w_up[e].T
+    h = torch.nn.functional.silu(x_ND @ experts.w_gate[e].T) * up if experts.w_gate is not None else \
+        torch.nn.functional.silu(up)
+    return h @ experts.w_down[e].T
+
+
 def dense_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every expert on every token, masked by the routing weights (eval mode: no noise)."""
     x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
     r = route(layer.router(x_TD).float(), layer.top_k)
     mask_TE = torch.zeros(x_TD.shape[0], layer.num_experts).scatter(1, r.idx_TK, r.weight_TK)
-    y_TD = sum(mask_TE[:, e:e + 1] * layer.experts[str(e)](x_TD) for e in range(layer.num_experts))
+    y_TD = sum(mask_TE[:, e:e + 1] * one_expert(layer.experts, e, x_TD) for e in range(layer.num_experts))
     if layer.shared_expert is not None:
         y_TD = y_TD + layer.shared_expert(x_TD)
     return y_TD.view_as(x_BTD), r.aux_loss
@@ -191,22 +203,23 @@ def test_idle_expert_gets_zero_grad():
     idx_TK = torch.tensor([[0], [1], [0], [1], [0], [1]])
     y, dropped = layer.dispatcher(x_TD, idx_TK, torch.ones(6, 1), layer.experts, None)
     y.sum().backward()
-    for e in ("2", "3"):
-        g = layer.experts[e].w_up.weight.grad
-        assert g is not None and torch.count_nonzero(g) == 0
-    assert torch.count_nonzero(layer.experts["0"].w_up.weight.grad) > 0
+    g = layer.experts.w_up.grad  # stacked: row e is expert e
+    assert g is not None and torch.count_nonzero(g[2:]) == 0
+    assert torch.count_nonzero(g[0]) > 0
 
 
 def test_capacity_drops_later_tokens():
     # E=2, K=2, T=4, factor 0.75 -> capacity ceil(0.75*4*2/2) = 3 slots per expert.
     idx_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [0, 1]])
     w_TK = torch.full((4, 2), 0.5)
-    expert_A, token_A, weight_A, dropped = flatten_assignments(idx_TK, w_TK, 2, 0.75)
-    assert dropped == 2
-    assert expert_A.tolist() == [0, 0, 0, 1, 1, 1] and token_A.tolist() == [0, 1, 2, 0, 1, 2]
+    a = flatten_assignments(idx_TK, w_TK, 2, 0.75)
+    kept = a.weight_A > 0  # a dropped assignment keeps its row (static shapes) with weight 0
+    assert a.dropped == 2 and a.counts_E.tolist() == [4, 4]
+    assert a.expert_A[kept].tolist() == [0, 0, 0, 1, 1, 1] and a.token_A[kept].tolist() == [0, 1, 2, 0, 1, 2]
     # capacity 1 with K=1: expert 0 gets tokens 0,2,3 and keeps only token 0
-    e, t, _, d = flatten_assignments(torch.tensor([[0], [1], [0], [0]]), torch.ones(4, 1), 2, 0.5)
-    assert (e.tolist(), t.tolist(), d) == ([0, 1], [0, 1], 2)
+    a = flatten_assignments(torch.tensor([[0], [1], [0], [0]]), torch.ones(4, 1), 2, 0.5)
+    kept = a.weight_A > 0
+    assert (a.expert_A[kept].tolist(), a.token_A[kept].tolist(), int(a.dropped)) == ([0, 1], [0, 1], 2)
 
 
 def test_capacity_in_dispatcher_zeroes_dropped_tokens():
@@ -230,29 +243,28 @@ def test_layer_records_drops():
 
 
 def test_subset_of_experts():
+    """Expert parallelism keeps a contiguous range of rows: the kept experts compute exactly what they
+    did in the full stack, and keep their global names in state_dict (and only theirs)."""
     cfg = tiny(num_experts=8, top_k=2)
     torch.manual_seed(0)
     layer = MoEFeedForward(cfg)
-    full = {k: v for k, v in layer.experts.items()}
-    subset = nn.ModuleDict({"2": full["2"], "5": full["5"]})
-    x_TD = torch.randn(10, cfg.d_model)
-    idx_TK = torch.tensor([[2, 5], [5, 2]] * 5)
-    w_TK = torch.softmax(torch.randn(10, 2), -1)
-    y_sub, _ = LocalDispatcher(8)(x_TD, idx_TK, w_TK, subset, None)
-    y_full, _ = LocalDispatcher(8)(x_TD, idx_TK, w_TK, layer.experts, None)
-    torch.testing.assert_close(y_sub, y_full)
-    y_inf, _ = LocalDispatcher()(x_TD, idx_TK, w_TK, subset, None)  # E inferred from keys
-    torch.testing.assert_close(y_inf, y_full)
-    with pytest.raises(KeyError):
-        LocalDispatcher(8)(x_TD, torch.tensor([[2, 3]] * 10), w_TK, subset, None)
-    # The layer itself keeps working after non-local experts are deleted (as expert parallelism does).
-    for k in [k for k in layer.experts.keys() if k not in ("2", "5")]:
-        del layer.experts[k]
-    with torch.no_grad():  # positive inputs: logits > 0 for experts 2 and 5, < 0 for the rest
-        layer.router.weight.fill_(-1.0)
-        layer.router.weight[[2, 5]] = 1.0
-    y, _ = layer.eval()(x_TD.abs().view(1, 10, -1) + 0.1)
-    assert torch.isfinite(y).all() and layer.last_tokens_per_expert[[2, 5]].tolist() == [10, 10]
+    full = {k: v.clone() for k, v in layer.experts.state_dict().items()}
+    x_ND = torch.randn(5, cfg.d_model)
+    ref = [one_expert(layer.experts, e, x_ND) for e in (2, 3)]
+    layer.experts.keep(range(2, 4))
+    assert layer.experts.ids == range(2, 4) and layer.experts.w_up.shape[0] == 2
+    sd = layer.experts.state_dict()
+    assert sorted(sd) == sorted(k for k in full if k.split(".")[0] in ("2", "3"))
+    assert all(torch.equal(sd[k], full[k]) for k in sd)
+    y = layer.experts(torch.cat([x_ND, x_ND]), torch.tensor([5, 5]))
+    torch.testing.assert_close(y, torch.cat(ref))
+    with pytest.raises(ValueError, match="contiguous sub-range"):
+        layer.experts.keep(range(0, 2))
+    with pytest.raises(ValueError, match="needs all 8 experts"):  # EP installs its own dispatcher
+        LocalDispatcher(8)(x_ND, torch.tensor([[2, 3]] * 5), torch.ones(5, 2), layer.experts, None)
+    # Loading a per-expert state dict stacks it back (what every loader of a checkpoint does).
+    layer.experts.load_state_dict({k: torch.zeros_like(v) for k, v in sd.items()})
+    assert torch.count_nonzero(layer.experts.w_down) == 0
 
 
 def test_model_package_has_no_parallel_imports():

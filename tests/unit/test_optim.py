@@ -22,7 +22,10 @@ def test_every_param_in_exactly_one_group_and_muon_rule(tie):
     named = dict(model.named_parameters())
     muon = {n for n, p in named.items() if p.use_muon}
     assert not any("embed" in n or "lm_head" in n for n in muon)
-    assert all(named[n].ndim == 2 for n in muon)
+    stacked = {n for n in named if ".experts." in n}
+    assert all(named[n].ndim == 2 for n in muon - stacked) and all(named[n].ndim == 3 for n in stacked)
+    # DeepSpeed's Muon orthogonalises a tensor tagged is_expert_group per leading index (per expert).
+    assert {n for n, p in named.items() if p.is_expert_group} == stacked <= muon
     assert any(".router." in n for n in muon) and any(".experts." in n for n in muon)
     assert {n for n, p in named.items() if p.ndim == 1}.isdisjoint(muon)  # norms go to AdamW
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]

@@ -12,6 +12,7 @@ import torch
 from moe_dist import model as lm
 from moe_dist.config import ModelConfig, get_preset
 from moe_dist.param_counts import count_params
+from moe_dist.parallel.engine import per_expert_tensors
 
 TINY = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, d_ff=24, num_experts=4, top_k=2, max_seq_len=32)
 
@@ -38,9 +39,10 @@ def test_counts_match_built_model(kw):
     assert pc.router == _numel(model, ".router.")
     assert pc.experts == _numel(model, ".experts.")
     assert pc.shared_expert == _numel(model, ".shared_expert.")
-    per_expert = _numel(model.layers[0].ffn.experts["0"], "")
+    per_expert = _numel(model.layers[0].ffn.experts, "") // cfg.num_experts  # stacked: E rows per matrix
     assert pc.active == pc.total - pc.experts + cfg.n_layers * cfg.top_k * per_expert
-    shapes = sorted(p.numel() for p in model.parameters())
+    # pc.tensors counts matrices as the checkpoint stores them: one per expert.
+    shapes = sorted(t.numel() for t in per_expert_tensors(model, dict(model.named_parameters())).values())
     assert sorted(n for n, k in pc.tensors for _ in range(k)) == shapes
     assert pc.largest_module == max(shapes)
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from ...checkpoint.fragment import Fragment
+from ..engine import per_expert_fragments, per_expert_tensors
 from . import fragments
 
 
@@ -51,11 +52,11 @@ class DeepSpeedTrainEngine:
             g = safe_get_full_grad(p)  # collective over the param's data-parallel group: every rank calls it
             if g is not None:
                 grads[name] = g.detach().float().clone().contiguous()
-        return grads
+        return per_expert_tensors(self.module, grads)
 
     # ---- checkpoint hooks
     def checkpoint_fragments(self) -> list[Fragment]:
-        return fragments.local_fragments(self.ds)
+        return per_expert_fragments(self.module, fragments.local_fragments(self.ds))
 
     def has_optimizer_state(self) -> bool:
         return fragments.has_optimizer_states(self.ds)

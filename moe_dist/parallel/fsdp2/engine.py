@@ -22,6 +22,7 @@ from torch import nn
 from ...checkpoint.fragment import Fragment
 from ...config import RunConfig
 from ...logging_utils import get_logger
+from ..engine import per_expert_fragments, per_expert_tensors
 from ..runtime import Runtime
 from . import fragments
 from .muon import ShardedMuon
@@ -103,7 +104,7 @@ class Fsdp2TrainEngine:
             if p.grad is not None:  # full_tensor: collective over the parameter's mesh
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 grads[name] = g.detach().float().cpu().clone().contiguous()
-        return grads
+        return per_expert_tensors(self.module, grads)
 
     def train(self) -> None:
         self.module.train()
@@ -116,7 +117,7 @@ class Fsdp2TrainEngine:
         # After a forward without backward (validation) the root keeps its gathered weights, and a
         # gathered module lists them as its parameters: shard everything back to list the shards.
         self._reshard()
-        return fragments.local_fragments(self.module, self.optimizers)
+        return per_expert_fragments(self.module, fragments.local_fragments(self.module, self.optimizers))
 
     def has_optimizer_state(self) -> bool:
         return all(len(opt.state.get(p, {})) > 0 for opt in self.optimizers

@@ -26,6 +26,9 @@ DeepSpeed on CPU runs its Gram variant in fp16; the losses then differ by a boun
 ``tests/distributed/test_fsdp2_equivalence.py``. ``torch.optim.Muon`` takes whole (unsharded)
 tensors only, so it cannot step FSDP2's shards.
 
+Stacked experts (``(El, F, D)``, ``GroupedExperts``) are orthogonalised per expert, as one 2-D matrix
+each: ``Shard(0)`` hands every rank whole experts, so their update needs no exchange.
+
 Legend: R rows, C columns of a matrix, k ranks of its mesh, r a rank's position in it.
 """
 
@@ -102,6 +105,9 @@ class ShardedMuon(torch.optim.Optimizer):
                 m, g = _local(self.state[p]["momentum_buffer"]), _local(p.grad)
                 m.lerp_(g, 1 - group["momentum"])
                 u = g.lerp(m, group["momentum"])          # Nesterov; [rows of this rank, C]
+                if u.ndim == 3:  # stacked experts: this rank holds whole experts (Shard(0) cuts between them)
+                    self._apply(p, group, torch.stack([orthogonalize(u_FD) for u_FD in u]) if len(u) else u)
+                    continue
                 mesh = _mesh_of(p)
                 key = id(mesh) if mesh is not None else 0
                 meshes[key] = mesh
@@ -113,9 +119,13 @@ class ShardedMuon(torch.optim.Optimizer):
             else:
                 updates = self._round_robin(items, mesh)
             for (p, group, _), upd in zip(items, updates):
-                w = _local(p)
-                w.mul_(1 - group["lr"] * group["weight_decay"])
-                w.add_(upd.to(device=w.device, dtype=w.dtype).view(w.shape), alpha=-group["lr"])
+                self._apply(p, group, upd)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, group: dict[str, Any], upd: torch.Tensor) -> None:
+        w = _local(p)
+        w.mul_(1 - group["lr"] * group["weight_decay"])
+        w.add_(upd.to(device=w.device, dtype=w.dtype).view(w.shape), alpha=-group["lr"])
 
     def _round_robin(self, items: list, mesh: Any) -> list[torch.Tensor]:
         """Orthogonalise every matrix of ``items`` on one rank of ``mesh``; returns this rank's rows."""

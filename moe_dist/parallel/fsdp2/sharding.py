@@ -2,9 +2,9 @@
 and at the root.
 
 1. Experts: each EP rank keeps ``E / ep`` experts (``expert_parallel.shard_experts``, over the
-   mesh's ``ep`` group), and each kept expert is its own FSDP2 unit sharded over the mesh's ``dp``
-   dimension (the ranks holding the same experts). ``fully_shard`` on the ``experts`` ModuleDict
-   would fail: a ModuleDict has no forward to hook.
+   mesh's ``ep`` group), and each layer's stacked experts are one FSDP2 unit sharded over the
+   mesh's ``dp`` dimension (the ranks holding the same experts). ``Shard(0)`` of a stacked matrix
+   cuts between experts, so a rank holds whole experts (or none) and Muon needs no exchange for them.
 2. Each transformer block is a unit over the whole world (its attention, norms and router; its
    experts are already managed), and the root takes what is left (embedding, final norm, head;
    a tied head is one parameter).
@@ -57,8 +57,7 @@ def apply_fsdp2(model: nn.Module, num_experts: int, meshes: Meshes, s: Fsdp2Sett
         shard_experts(model, num_experts, meshes.ep.get_group(), s.ep_size, meshes.ep.get_local_rank())
     kw = policies(s)
     for layer in model.moe_layers():
-        for expert in layer.experts.values():
-            fully_shard(expert, mesh=meshes.dp, **kw)
+        fully_shard(layer.experts, mesh=meshes.dp, **kw)  # the stacked experts: Shard(0) splits whole experts
     for block in model.layers:
         fully_shard(block, mesh=meshes.world, **kw)
     fully_shard(model, mesh=meshes.world, **kw)
