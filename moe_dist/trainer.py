@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .config import RunConfig
 from .data.loader import DataBundle, iter_val_batches
 from .data.sampler import GlobalCursorSampler
+from .host_syncs import HostSyncCounter, count_syncs_from_env
 from .metrics import MetricsLog, StepAccumulator
 from .optim import LRSchedule
 from .parallel.runtime import Runtime
@@ -65,6 +66,7 @@ class Trainer:
         # Called as probe(engine, step) after the step's last backward, before the optimizer step
         # (see moe_dist.debug); None in normal runs.
         self.grad_probe: Optional[Callable[[Any, int], None]] = None
+        self.count_syncs = count_syncs_from_env()  # MOE_DIST_COUNT_SYNCS=1: host_syncs per step in the metrics
 
     # ------------------------------------------------------------------ one step
     def _moe_stats(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -79,6 +81,14 @@ class Trainer:
         return counts, dropped
 
     def train_step(self) -> dict[str, Any]:
+        if not self.count_syncs:
+            return self._train_step()
+        with HostSyncCounter() as syncs:
+            record = self._train_step()
+        record["host_syncs"], record["host_sync_ops"] = syncs.total, dict(syncs.counts)
+        return record
+
+    def _train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = self.state.step
         lrs = self.schedule.apply(self.engine.param_groups, step, all_adamw=self.all_adamw)
