@@ -75,7 +75,8 @@ def build_layers() -> dict[str, torch.nn.Module]:
         with torch.no_grad():
             ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
             for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-                expert.load_state_dict(ours.experts[str(e)].state_dict())
+                for m in ("w_gate", "w_up", "w_down"):  # ours are stacked: row e is expert e
+                    getattr(expert, m).weight.copy_(getattr(ours.experts, m)[e])
         layers[name] = ds
     layers["dense"] = Expert(D_MODEL, TOP_K * D_FF, "swiglu")
     for layer in layers.values():

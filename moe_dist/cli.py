@@ -49,6 +49,7 @@ BOOL_FLAGS: dict[str, str] = {
     "--offload-optimizer": "parallel.offload_optimizer",
     "--offload-params": "parallel.offload_params",
     "--activation-checkpointing": "parallel.activation_checkpointing",
+    "--compile": "parallel.compile",
 }
 
 

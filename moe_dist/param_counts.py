@@ -45,7 +45,8 @@ class ParamCounts:
 
     @property
     def largest_module(self) -> int:
-        """What ZeRO-3 gathers at once at most (module by module): here the embedding, usually."""
+        """The largest parameter: the staging buffer of a sharded build, and about what ZeRO-3 gathers at
+        once (a layer's stacked experts, or the embedding)."""
         return max(numel for numel, _ in self.tensors)
 
     def persistent(self, threshold: float) -> int:
@@ -66,8 +67,9 @@ def count_params(m: ModelConfig) -> ParamCounts:
     c = 3 if m.expert_type == "swiglu" else 2
     expert = c * d * f
     emb = m.vocab_size * d
+    # As the model holds them: each routed expert matrix stacked over the E experts, (E, F, D) per layer.
     tensors = ((emb, 1 if m.tie_embeddings else 2), (d, 2 * L + 1), (e * d, L), (d * qd, 2 * L), (d * kvd, 2 * L),
-               (d * f, c * L * (e + int(m.shared_expert))))
+               (e * d * f, c * L), (d * f, c * L * int(m.shared_expert)))
     return ParamCounts(
         embedding=emb, lm_head=0 if m.tie_embeddings else emb, attention=L * (2 * d * qd + 2 * d * kvd),
         norms=(2 * L + 1) * d, router=L * e * d, experts=L * e * expert,

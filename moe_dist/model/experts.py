@@ -92,8 +92,20 @@ def per_expert_fill(model: nn.Module, fill: Callable[[str, torch.Tensor], None])
 
 
 def _grouped_mm(x_AD: torch.Tensor, w_EFD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Rows of group e times ``w_EFD[e].T``: one grouped GEMM (rows past ``offs_E[-1]`` are not read)."""
-    return torch._grouped_mm(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)
+    """Rows of group e times ``w_EFD[e].T``: one grouped GEMM (rows past ``offs_E[-1]`` are not read).
+
+    Under ``torch.compile`` only bf16 is traced: the compiler's shape function of ``_grouped_mm``
+    accepts bf16 alone (torch 2.13), so other dtypes run it eagerly, one graph break each."""
+    if x_AD.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
+        return torch._grouped_mm(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)
+    return _eager_grouped_mm()(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_grouped_mm() -> Callable[..., torch.Tensor]:
+    """``torch._grouped_mm`` kept out of the compiled graph. Made on first use: ``torch.compiler.disable``
+    imports dynamo (about 70 MB of memory a process), which an eager run never needs."""
+    return torch.compiler.disable(torch._grouped_mm)
 
 
 @functools.lru_cache(maxsize=None)

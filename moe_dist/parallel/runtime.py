@@ -146,6 +146,10 @@ def build_engine(rt: Runtime, cfg: RunConfig,
     kernel = lm.select_expert_kernel(model, cfg.parallel.expert_kernel, rt.device, dtype)
     get_logger().info(f"experts: {kernel} kernel on {rt.device.type} in {str(dtype).removeprefix('torch.')} "
                       f"(parallel.expert_kernel={cfg.parallel.expert_kernel})")
+    if cfg.parallel.compile:
+        from .compile import compile_blocks
+
+        get_logger().info(f"torch.compile: {compile_blocks(model)} blocks, compiled on their first step")
     if rt.engine == "fsdp2":
         from .fsdp2.engine import prepare_fsdp2_engine
 
