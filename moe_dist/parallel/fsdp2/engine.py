@@ -22,7 +22,7 @@ from torch import nn
 from ...checkpoint.fragment import Fragment
 from ...config import RunConfig
 from ...logging_utils import get_logger
-from ..runtime import Runtime
+from ..world import Runtime
 from . import fragments
 from .muon import ShardedMuon
 from .optimizer import build_optimizers, init_adamw_state

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ...config import ConfigError, RunConfig
 from ...logging_utils import get_logger, quiet_third_party, warn_once
 from ..dims import batch_layout, validate_ep
-from ..runtime import Runtime, single_process_defaults
+from ..world import Runtime, single_process_defaults
 
 
 @dataclass(frozen=True)
