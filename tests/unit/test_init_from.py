@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_dist import init_from
+from moe_dist.run import init_from
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.config import apply_overrides, get_preset
 from moe_dist.export_hf import HF_MARKER, hf_tensor_name, mixtral_config

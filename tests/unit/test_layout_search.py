@@ -49,7 +49,7 @@ def test_muon_matrices_are_the_models_muon_params(model):
     """Every shape Muon gets in the real model (optim.uses_muon), with its count, and nothing else."""
     pytest.importorskip("torch")
     from moe_dist import model as lm
-    from moe_dist.optim import uses_muon
+    from moe_dist.run.optim import uses_muon
 
     net = lm.build(model)
     real = Counter(tuple(p.shape) for n, p in net.named_parameters() if uses_muon(n, p))

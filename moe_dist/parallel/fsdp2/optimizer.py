@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import TrainConfig
-from ...optim import param_groups, tag_parameters
+from ...run.optim import param_groups, tag_parameters
 from .muon import ShardedMuon
 
 ADAM_EPS = 1e-8  # what the DeepSpeed runs use (parallel/deepspeed/config.py)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 NO_MUON_KEYWORDS = ("embed", "lm_head")
 
