@@ -94,7 +94,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         print(config_help_text(cfg))
         return 0
     if args.print_params:
-        from moe_dist.param_counts import count_params
+        from moe_dist.plan.param_counts import count_params
 
         pc = count_params(cfg.model)
         total, active = pc.total, pc.active
@@ -131,7 +131,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.debug import (dump_loaded_state_from_env, dump_probe_logits_from_env, grad_dump_probe_from_env,
                                 strict_device_from_env)
     from moe_dist.run.metrics import MetricsLog
-    from moe_dist.param_counts import count_params
+    from moe_dist.plan.param_counts import count_params
     from moe_dist.run import init_from as init_weights
     from moe_dist.run import artifacts as run_artifacts, trackers
     from moe_dist.logging_utils import get_logger

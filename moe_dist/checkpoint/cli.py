@@ -64,7 +64,7 @@ def human_bytes(n: float) -> str:
 
 def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
     """(architecture, parameter counts) of a ModelConfig, one line each."""
-    from ..param_counts import count_params
+    from ..plan.param_counts import count_params
 
     pc = count_params(mc)
     total, active = pc.total, pc.active

@@ -48,11 +48,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
+from ..config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
 from .muon_cost import muon_step_note
 from .param_counts import ParamCounts, count_params
-from .parallel.deepspeed.config import build_ds_config, optimizer_kind, read_launch_json
-from .parallel.dims import validate_ep
+from ..parallel.deepspeed.config import build_ds_config, optimizer_kind, read_launch_json
+from ..parallel.dims import validate_ep
 
 GiB = 2**30
 

@@ -36,10 +36,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, RunConfig
-from .parallel.deepspeed.config import read_launch_json
+from ..config import ConfigError, RunConfig
+from ..parallel.deepspeed.config import read_launch_json
 from .param_counts import count_params
-from .planner import (Hardware, Plan, config_from_args, fmt_bytes, fmt_count, parse_bytes, plan,
+from .memory import (Hardware, Plan, config_from_args, fmt_bytes, fmt_count, parse_bytes, plan,
                       render)
 
 
