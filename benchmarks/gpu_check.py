@@ -141,7 +141,7 @@ class Checker:
         if self.peak is None or self.smoke:
             return None
         from moe_dist.config import get_preset
-        from moe_dist.param_counts import count_params
+        from moe_dist.plan.param_counts import count_params
 
         cfg = get_preset(preset)
         active = count_params(cfg.model).active
@@ -171,7 +171,7 @@ class Checker:
     def planned_gpu_bytes(preset: str, launch_json: Path) -> int:
         from moe_dist.config import get_preset
         from moe_dist.parallel.deepspeed.config import read_launch_json
-        from moe_dist.planner import Hardware, plan
+        from moe_dist.plan.memory import Hardware, plan
 
         import torch
 

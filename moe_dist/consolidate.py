@@ -395,7 +395,7 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     ``tokenizer`` ('byte' or a folder) is stored instead of the checkpoint's own.
 
     ``progress(description, total_bytes)`` may return a per-bytes callback (the CLI's rich bar)."""
-    from .plan.memory import parse_bytes
+    from .plan.units import parse_bytes
 
     if dtype not in DTYPES:
         raise ConsolidateError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
