@@ -32,7 +32,7 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "intermediate
 
 
 def _hf_folder(path: Path) -> bool:
-    from ..consolidate import MOE_CONFIG, is_hf_export
+    from ..export.consolidate import MOE_CONFIG, is_hf_export
 
     folder = path if path.is_dir() else path.parent
     return is_hf_export(folder) and not (folder / MOE_CONFIG).exists()
@@ -53,7 +53,7 @@ def check(path: str, model_cfg: ModelConfig) -> None:
             raise CheckpointError(f"--init-from {path}: weights of another architecture; differing fields: "
                                   + "; ".join(diffs) + ". Set the model fields to the saved values.")
         return
-    from ..inference import checkpoint_info
+    from ..export.inference import checkpoint_info
 
     try:
         info = checkpoint_info(p, verify=False)
@@ -79,14 +79,14 @@ def reader(path: str) -> Callable[[str, torch.Tensor], None]:
     weights one parameter at a time, the ones it builds (``parallel/materialize.py``)."""
     p = Path(path)
     if _hf_folder(p):
-        from ..consolidate import safetensors_files
-        from ..export_hf import hf_tensor_name
+        from ..export.consolidate import safetensors_files
+        from ..export.hf import hf_tensor_name
 
         folder = p if p.is_dir() else p.parent
         where, rename = _safetensors_index(safetensors_files(folder, None)), hf_tensor_name
         hint = "export it again with moe-consolidate --format hf"
     else:
-        from ..inference import checkpoint_info
+        from ..export.inference import checkpoint_info
 
         info = checkpoint_info(p)
         if info.kind == "dcp":

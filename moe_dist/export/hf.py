@@ -35,11 +35,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoint.reader import Advance, Checkpoint
-from .config import ModelConfig
+from ..checkpoint.reader import Advance, Checkpoint
+from ..config import ModelConfig
 from .consolidate import ConsolidateError, write_safetensors_shards
-from .data.errors import DataError
-from .data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
+from ..data.errors import DataError
+from ..data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
 
 HF_MARKER = "moe_dist_export"  # key of config.json naming what was exported (and what --force may replace)
 BYTE_EOS_TOKEN = "<|endoftext|>"

@@ -61,11 +61,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoint import layout
-from .checkpoint.reader import DEFAULT_READ_BUDGET, Advance, Checkpoint, TensorSpec, read_train_state
-from .checkpoint.errors import CheckpointError
-from .config import ConfigError, ModelConfig
-from .logging_utils import get_logger
+from ..checkpoint import layout
+from ..checkpoint.reader import DEFAULT_READ_BUDGET, Advance, Checkpoint, TensorSpec, read_train_state
+from ..checkpoint.errors import CheckpointError
+from ..config import ConfigError, ModelConfig
+from ..logging_utils import get_logger
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD = "2GB"
@@ -321,7 +321,7 @@ def verify_output(ckpt: Checkpoint, out: Path, fmt: str, dtype: torch.dtype, bud
     else:
         from safetensors import safe_open
 
-        from .export_hf import hf_tensor_name
+        from .hf import hf_tensor_name
 
         rename = hf_tensor_name if fmt == "hf" else (lambda name: name)
         handles = {}
@@ -379,7 +379,7 @@ def _check_output(out: Path, folder: Path, fmt: str, force: bool) -> None:
 
 def is_hf_export(folder: Path) -> bool:
     """Whether ``folder`` holds a ``--format hf`` export written by moe-consolidate."""
-    from .export_hf import HF_MARKER
+    from .hf import HF_MARKER
 
     try:
         return HF_MARKER in json.loads((folder / "config.json").read_text())
@@ -395,7 +395,7 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     ``tokenizer`` ('byte' or a folder) is stored instead of the checkpoint's own.
 
     ``progress(description, total_bytes)`` may return a per-bytes callback (the CLI's rich bar)."""
-    from .plan.units import parse_bytes
+    from ..plan.units import parse_bytes
 
     if dtype not in DTYPES:
         raise ConsolidateError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -420,7 +420,7 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     if tokenizer is not None:
         ckpt.state["tokenizer"] = _tokenizer_spec(tokenizer, ckpt.config.model.vocab_size)
     if fmt == "hf":
-        from .export_hf import check_exportable
+        from .hf import check_exportable
 
         check_exportable(ckpt.config.model)  # before anything is written
 
@@ -438,7 +438,7 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
             os.replace(tmp, out_path)
         else:
             if fmt == "hf":
-                from .export_hf import write_hf
+                from .hf import write_hf
 
                 written = write_hf(ckpt, tmp_dir, torch_dtype, max_shard, budget, bar)
             else:
@@ -457,8 +457,8 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
 
 
 def _tokenizer_spec(tokenizer: str, model_vocab: int) -> dict[str, Any]:
-    from .data.errors import DataError
-    from .data.tokenizer import load_tokenizer
+    from ..data.errors import DataError
+    from ..data.tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(tokenizer)
@@ -501,7 +501,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .debug import strict_device_from_env
+    from ..debug import strict_device_from_env
 
     a = build_parser().parse_args(argv)
     strict_device_from_env()  # tests: consolidation names every device (see moe_dist.debug)
