@@ -229,11 +229,11 @@ class Checker:
         if not ckpt.exists():
             return self.record(Case(name, False, f"no checkpoint at {ckpt} (the round-trip case failed)"), t0)
         pt = self.work / "model.pt"
-        res = self.tool("moe_dist.consolidate", str(ckpt), "-o", str(pt), "--dtype", "bf16", "--verify", "-q",
+        res = self.tool("moe_dist.export.consolidate_cli", str(ckpt), "-o", str(pt), "--dtype", "bf16", "--verify", "-q",
                         "--force")
         if res.returncode:
             return self.record(Case(name, False, _tail(res)), t0)
-        res = self.tool("moe_dist.inference", str(pt), "--prompt", "def ", "--max-new-tokens", "16",
+        res = self.tool("moe_dist.export.inference", str(pt), "--prompt", "def ", "--max-new-tokens", "16",
                         "--device", "cpu" if self.smoke else "cuda")
         text = res.stdout.strip()
         self.record(Case(name, res.returncode == 0 and len(text) > len("def"),

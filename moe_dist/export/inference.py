@@ -40,7 +40,8 @@ from ..checkpoint.errors import CheckpointError
 from ..config import RunConfig
 from ..checkpoint.keys import model_key, param_name
 from ..checkpoint.reader import Checkpoint, run_config
-from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
+from .hf import is_hf_export
+from .safetensors_writer import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
 
 
 @dataclass

@@ -32,7 +32,8 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "intermediate
 
 
 def _hf_folder(path: Path) -> bool:
-    from ..export.consolidate import MOE_CONFIG, is_hf_export
+    from ..export.hf import is_hf_export
+    from ..export.safetensors_writer import MOE_CONFIG
 
     folder = path if path.is_dir() else path.parent
     return is_hf_export(folder) and not (folder / MOE_CONFIG).exists()
@@ -79,7 +80,7 @@ def reader(path: str) -> Callable[[str, torch.Tensor], None]:
     weights one parameter at a time, the ones it builds (``parallel/materialize.py``)."""
     p = Path(path)
     if _hf_folder(p):
-        from ..export.consolidate import safetensors_files
+        from ..export.safetensors_writer import safetensors_files
         from ..export.hf import hf_tensor_name
 
         folder = p if p.is_dir() else p.parent
