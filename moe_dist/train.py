@@ -8,8 +8,8 @@ Also installed as ``moe-train``. Examples::
         --preset tiny --ep-size 2 --zero-stage 1 --output-dir runs/ep
     moe-train --preset 18b --print-params
 
-Build, loop, close: the pieces live in config/cli (what to run), parallel/ (how it is spread),
-data/ (what it reads), trainer (the loop) and checkpoint/ (what survives).
+Build, loop, close: the pieces live in config/ and run/cli (what to run), parallel/ (how it is spread),
+data/ (what it reads), run/trainer (the loop) and checkpoint/ (what survives).
 """
 
 from __future__ import annotations

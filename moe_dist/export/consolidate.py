@@ -5,7 +5,7 @@
     moe-consolidate runs/x/checkpoints/checkpoint_latest          # -> runs/x/checkpoints/consolidated_step_<N>.pt
     moe-consolidate CKPT -o model.pt --dtype bf16 --verify
     moe-consolidate CKPT --format safetensors --max-shard-size 2GB -o export/   # Hugging Face layout
-    moe-consolidate CKPT --format hf -o hf_model/     # transformers' MixtralForCausalLM (see export_hf)
+    moe-consolidate CKPT --format hf -o hf_model/     # transformers' MixtralForCausalLM (see export/hf.py)
 
 One process, CPU only: no process group, no DeepSpeed. Only the ``model.*`` keys are read
 (optimizer states and RNG are never touched), a few tensors at a time: each batch (at most
@@ -27,7 +27,7 @@ Outputs (``<ckpts>`` is the folder holding the checkpoint, i.e. ``CHECKPOINT/..`
   (``tie_word_embeddings``). Memory: about two shards (one and its serialized bytes) plus the read buffer.
 * ``--format hf`` (default folder ``<ckpts>/consolidated_step_<N>_hf/``): the same shards under Mixtral's
   tensor names, a Mixtral ``config.json``, ``generation_config.json`` and the tokenizer files, loadable by
-  ``transformers.AutoModelForCausalLM.from_pretrained`` (``export_hf``).
+  ``transformers.AutoModelForCausalLM.from_pretrained`` (``export/hf.py``).
 
 The tokenizer travels with every output: its spec (a Hugging Face tokenizer's with its files embedded)
 sits in the ``.pt`` and in ``moe_dist_config.json``; ``--format hf`` writes the tokenizer files.

@@ -3,7 +3,7 @@
 The source may be a DCP checkpoint (a step folder, ``checkpoint_latest`` or a run folder's
 ``checkpoints/``; any world size, ZeRO stage or EP degree), a ``.pt`` or safetensors export of
 moe-consolidate, or a ``--format hf`` export. Only the model weights are read (through
-``moe_dist.inference``'s readers); the optimizer, LR schedule, step counter and data cursor start
+``moe_dist.export.inference``'s readers); the optimizer, LR schedule, step counter and data cursor start
 fresh, so another corpus is fine. A source of another architecture is refused with the differing
 fields named (the check resume uses). ``check`` runs on every rank before anything is built;
 ``reader`` returns ``fill(name, tensor)``, which copies one parameter's value: the sharded build
