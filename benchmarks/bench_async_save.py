@@ -37,12 +37,12 @@ def async_support() -> tuple[bool, str]:
     """Whether any code path acts on ``checkpoint.async_save`` (beyond parsing it)."""
     import moe_dist.checkpoint.manager as manager
     import moe_dist.train as train
-    import moe_dist.trainer as trainer
+    import moe_dist.run.trainer as trainer
 
     users = [m.__name__ for m in (manager, trainer, train) if "async_save" in inspect.getsource(m)]
     if users:
         return True, f"checkpoint.async_save is acted on in {', '.join(users)}"
-    return False, ("not available: `--async-save` / checkpoint.async_save is parsed (moe_dist/cli.py, "
+    return False, ("not available: `--async-save` / checkpoint.async_save is parsed (moe_dist/run/cli.py, "
                    "moe_dist/config.py) but no code in CheckpointManager, the trainer or train.py reads it, so "
                    "every save is synchronous")
 

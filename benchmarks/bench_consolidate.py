@@ -54,7 +54,7 @@ def run(ctx: Context) -> Section:
     sec = Section(TITLE)
     cmd, why = consolidate_command()
     if cmd is None:
-        sec.note(f"skipped: {why}. Install the package (pip install -e .) once moe_dist/consolidate.py exists.")
+        sec.note(f"skipped: {why}. Install the package (pip install -e .) once moe_dist/export/consolidate.py exists.")
         return sec
     sizes = ["tiny", "30m"] if ctx.quick else ["tiny", "30m", "100m"]
     reps = 3 if ctx.quick else 5

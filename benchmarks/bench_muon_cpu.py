@@ -6,7 +6,7 @@
 It calls DeepSpeed's own ``muon_update`` (``deepspeed/runtime/zero/muon/original_muon.py``: momentum
 lerp, Nesterov blend, ``zeropower_via_gram_newtonschulz`` - DeepSpeed's default ``ns_method`` - and
 the aspect-ratio scale) on a random fp32 gradient and momentum of every distinct Muon matrix shape of
-the model (``moe_dist.muon_cost.muon_matrices``), eagerly: DeepSpeed wraps these functions in
+the model (``moe_dist.plan.muon_cost.muon_matrices``), eagerly: DeepSpeed wraps these functions in
 ``torch.compile``, whose compilation is not what is measured here, and inductor leaves matmuls (all
 the FLOPs) to the same aten kernels by default. Each shape is timed ``reps`` times (shapes
 interleaved, order rotating), the median kept; one step = sum over shapes of (count x median), in
@@ -16,7 +16,7 @@ The achieved FLOP rate (``muon_cost.ns_flops``, DeepSpeed's matmuls counted exac
 ``moe-plan`` divides by (``muon_cost.MUON_CPU_FLOPS_PER_CORE``: fp32, 1 thread, per CPU second).
 
 With optimizer offload on a CUDA run DeepSpeed 0.19.8 copies the Muon gradients to the GPU and runs
-this there (see ``moe_dist/muon_cost.py``); this CPU time is what a CPU run pays.
+this there (see ``moe_dist/plan/muon_cost.py``); this CPU time is what a CPU run pays.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def measure(preset: str, threads: list[int], reps: int, dtypes: list[str]) -> di
     import torch
 
     from moe_dist.config import get_preset
-    from moe_dist.muon_cost import muon_matrices
+    from moe_dist.plan.muon_cost import muon_matrices
 
     mats = muon_matrices(get_preset(preset).model)
     shapes: dict = {}   # distinct (rows, cols) -> the names of the matrices of that shape
@@ -100,7 +100,7 @@ def measure(preset: str, threads: list[int], reps: int, dtypes: list[str]) -> di
 
 
 def report(sec: Section, preset: str, out: dict) -> None:
-    from moe_dist.muon_cost import ns_flops
+    from moe_dist.plan.muon_cost import ns_flops
 
     mats, shapes, res = out["mats"], out["shapes"], out["res"]
     count = {name: sum(x.count for x in mats if (x.rows, x.cols) == s) for s, name in shapes.items()}
@@ -132,7 +132,7 @@ def report(sec: Section, preset: str, out: dict) -> None:
              "bandwidth differ): run this script there. On a loaded machine the 1-thread CPU seconds are the figure "
              "least disturbed by other processes (wall time includes waiting for a core; with 2 threads each "
              "spins while the other waits, so their CPU seconds grow too). moe-plan's rate "
-             "(moe_dist/muon_cost.py: MUON_CPU_FLOPS_PER_CORE) is the fp32 1-thread GFLOP per CPU second.")
+             "(moe_dist/plan/muon_cost.py: MUON_CPU_FLOPS_PER_CORE) is the fp32 1-thread GFLOP per CPU second.")
 
 
 def run(ctx: Context) -> Section:

@@ -33,8 +33,8 @@ def _flags(stage: int, ep: int, sharded: bool) -> list[str]:
 
 
 def _planned_mb(flags: list[str]) -> float:
-    from moe_dist.cli import parse
-    from moe_dist.planner import GiB, Hardware, plan
+    from moe_dist.run.cli import parse
+    from moe_dist.plan.memory import GiB, Hardware, plan
 
     pl = plan(parse(flags)[1], Hardware(None, 64 * GiB, WORLD, 1, accelerator="cpu"))
     return sum(c.bytes for c in pl.cpu.consumers if c.phase == "init") / WORLD / 2**20

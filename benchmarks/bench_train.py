@@ -23,7 +23,7 @@ BASELINE = (2, 1)
 
 
 def _cfg(size: str, stage: int, ep: int) -> Any:
-    from moe_dist.cli import parse
+    from moe_dist.run.cli import parse
 
     return parse([*SIZES[size], "--zero-stage", str(stage), "--ep-size", str(ep)])[1]
 

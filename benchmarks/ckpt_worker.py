@@ -50,12 +50,12 @@ CHUNK = 8 << 20
 def build(size: str, output_dir: Path, extra: list[str]) -> SimpleNamespace:
     """Engine, trainer and checkpoint manager, built as ``moe_dist.train._train`` builds them."""
     from moe_dist.checkpoint.manager import CheckpointManager
-    from moe_dist.cli import parse
+    from moe_dist.run.cli import parse
     from moe_dist.data.loader import build_data
     from moe_dist.data.sampler import GlobalCursorSampler
-    from moe_dist.metrics import MetricsLog
+    from moe_dist.run.metrics import MetricsLog
     from moe_dist.parallel.runtime import build_engine, init_runtime
-    from moe_dist.trainer import Trainer
+    from moe_dist.run.trainer import Trainer
 
     args, cfg = parse([*SIZES[size], *CKPT_SETS, "--output-dir", str(output_dir), *extra])
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)

@@ -141,7 +141,7 @@ class Checker:
         if self.peak is None or self.smoke:
             return None
         from moe_dist.config import get_preset
-        from moe_dist.param_counts import count_params
+        from moe_dist.plan.param_counts import count_params
 
         cfg = get_preset(preset)
         active = count_params(cfg.model).active
@@ -171,7 +171,7 @@ class Checker:
     def planned_gpu_bytes(preset: str, launch_json: Path) -> int:
         from moe_dist.config import get_preset
         from moe_dist.parallel.deepspeed.config import read_launch_json
-        from moe_dist.planner import Hardware, plan
+        from moe_dist.plan.memory import Hardware, plan
 
         import torch
 
@@ -229,11 +229,11 @@ class Checker:
         if not ckpt.exists():
             return self.record(Case(name, False, f"no checkpoint at {ckpt} (the round-trip case failed)"), t0)
         pt = self.work / "model.pt"
-        res = self.tool("moe_dist.consolidate", str(ckpt), "-o", str(pt), "--dtype", "bf16", "--verify", "-q",
+        res = self.tool("moe_dist.export.consolidate_cli", str(ckpt), "-o", str(pt), "--dtype", "bf16", "--verify", "-q",
                         "--force")
         if res.returncode:
             return self.record(Case(name, False, _tail(res)), t0)
-        res = self.tool("moe_dist.inference", str(pt), "--prompt", "def ", "--max-new-tokens", "16",
+        res = self.tool("moe_dist.export.inference", str(pt), "--prompt", "def ", "--max-new-tokens", "16",
                         "--device", "cpu" if self.smoke else "cuda")
         text = res.stdout.strip()
         self.record(Case(name, res.returncode == 0 and len(text) > len("def"),

@@ -8,8 +8,8 @@ Also installed as ``moe-train``. Examples::
         --preset tiny --ep-size 2 --zero-stage 1 --output-dir runs/ep
     moe-train --preset 18b --print-params
 
-Build, loop, close: the pieces live in config/cli (what to run), parallel/ (how it is spread),
-data/ (what it reads), trainer (the loop) and checkpoint/ (what survives).
+Build, loop, close: the pieces live in config/ and run/cli (what to run), parallel/ (how it is spread),
+data/ (what it reads), run/trainer (the loop) and checkpoint/ (what survives).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _check_output_dir(path: str) -> None:
 
 
 def run(argv: Optional[list[str]] = None) -> int:
-    from moe_dist.cli import config_help_text, parse
+    from moe_dist.run.cli import config_help_text, parse
     from moe_dist.config import ConfigError
 
     try:
@@ -94,7 +94,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         print(config_help_text(cfg))
         return 0
     if args.print_params:
-        from moe_dist.param_counts import count_params
+        from moe_dist.plan.param_counts import count_params
 
         pc = count_params(cfg.model)
         total, active = pc.total, pc.active
@@ -105,7 +105,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data import DataError
     from moe_dist.parallel.runtime import shutdown
-    from moe_dist.run_lock import RunFolderBusy
+    from moe_dist.run.lock import RunFolderBusy
 
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
@@ -130,16 +130,16 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.debug import (dump_loaded_state_from_env, dump_probe_logits_from_env, grad_dump_probe_from_env,
                                 strict_device_from_env)
-    from moe_dist.metrics import MetricsLog
-    from moe_dist.param_counts import count_params
-    from moe_dist import init_from as init_weights
-    from moe_dist import run_artifacts, trackers
+    from moe_dist.run.metrics import MetricsLog
+    from moe_dist.plan.param_counts import count_params
+    from moe_dist.run import init_from as init_weights
+    from moe_dist.run import artifacts as run_artifacts, trackers
     from moe_dist.logging_utils import get_logger
     from moe_dist.parallel.runtime import build_engine, check_layout, init_runtime
-    from moe_dist.run_folder import check_fresh_start, set_aside_later_checkpoints
-    from moe_dist.run_lock import hold_run_folder
-    from moe_dist.trainer import Trainer
-    from moe_dist.ui import TrainUI
+    from moe_dist.run.folder import check_fresh_start, set_aside_later_checkpoints
+    from moe_dist.run.lock import hold_run_folder
+    from moe_dist.run.trainer import Trainer
+    from moe_dist.run.ui import TrainUI
 
     stop_at = cfg.checkpoint.stop_at_step
     report_to = trackers.requested(cfg)  # a tracker that is not installed fails now

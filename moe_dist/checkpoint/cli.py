@@ -64,7 +64,7 @@ def human_bytes(n: float) -> str:
 
 def _model_summary(mc: Any) -> tuple[str, str]:  # noqa: ANN401 - ModelConfig
     """(architecture, parameter counts) of a ModelConfig, one line each."""
-    from ..param_counts import count_params
+    from ..plan.param_counts import count_params
 
     pc = count_params(mc)
     total, active = pc.total, pc.active
@@ -81,7 +81,7 @@ def run_folder_of(folder: Path) -> Path:
 
 def info_report(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
-    from ..run_lock import run_status
+    from ..run.lock import run_status
 
     if not (folder / layout.TRAIN_STATE).is_file():
         layout.require_complete(folder)
@@ -151,7 +151,7 @@ def _error(msg: str) -> None:
 def _print_info(info: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from ..run_lock import describe_holder
+    from ..run.lock import describe_holder
     from rich.table import Table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no wrapping in logs

@@ -48,8 +48,8 @@ def main() -> int:
     i = argv.index("--report")
     report = Path(argv[i + 1])
     del argv[i:i + 2]
-    from moe_dist.cli import parse
-    from moe_dist.param_counts import count_params
+    from moe_dist.run.cli import parse
+    from moe_dist.plan.param_counts import count_params
     from moe_dist.parallel.deepspeed.setup import prepare_engine
     from moe_dist.parallel.runtime import build_model, init_runtime, shutdown
 

@@ -21,7 +21,7 @@ import torch
 from moe_dist import model as lm
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.dcp_state import read_saved_keys
-from moe_dist.inference import load_model_for_inference
+from moe_dist.export.inference import load_model_for_inference
 
 from .harness import run_and_check
 from .trainrun import train

@@ -24,7 +24,7 @@ def test_consolidated_model_matches_training_logits(tmp_path, args):
     train(out, 2, "--max-steps", "3", *args, env={"MOE_DIST_DUMP_LOGITS": str(probe)})
     ckpt = out / "checkpoints" / "checkpoint_latest"
     pt = tmp_path / "model.pt"
-    res = subprocess.run([sys.executable, "-m", "moe_dist.consolidate", str(ckpt), "-o", str(pt), "--verify"],
+    res = subprocess.run([sys.executable, "-m", "moe_dist.export.consolidate_cli", str(ckpt), "-o", str(pt), "--verify"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     want = load_file(str(probe))

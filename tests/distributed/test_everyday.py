@@ -120,8 +120,8 @@ def test_init_from_weights_on_another_layout(tmp_path, stage):
     rank reads the weights parameter by parameter into the partitions it builds."""
     import torch
 
-    from moe_dist.cli import parse
-    from moe_dist.inference import load_model_for_inference
+    from moe_dist.run.cli import parse
+    from moe_dist.export.inference import load_model_for_inference
     from moe_dist import model as lm
 
     _, cfg = parse([*FAST, "--output-dir", str(tmp_path / "unused")])

@@ -23,7 +23,7 @@ import pytest
 
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.cli import main as ckpt_main
-from moe_dist.run_lock import LOCK_NAME, run_status
+from moe_dist.run.lock import LOCK_NAME, run_status
 
 from .launcher import Launched, rows_in
 from .trainrun import by_step, metrics, snapshot, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_dist.config import apply_overrides, get_preset
-from moe_dist.planner import GiB, Hardware, plan
+from moe_dist.plan.memory import GiB, Hardware, plan
 
 from .trainrun import FAST, metrics, train
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from moe_dist.cli import parse
-from moe_dist.planner import GiB, Hardware, plan
+from moe_dist.run.cli import parse
+from moe_dist.plan.memory import GiB, Hardware, plan
 
 from .harness import run_and_check
 

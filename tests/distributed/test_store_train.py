@@ -77,7 +77,7 @@ def test_resume_on_the_store(bpe_run, tmp_path, world):
 
 def test_generate_with_the_bpe_tokenizer(bpe_run):
     tok, _, ref, _, _ = bpe_run
-    proc = subprocess.run([sys.executable, "-m", "moe_dist.inference", str(ref / "checkpoints" / "checkpoint_latest"),
+    proc = subprocess.run([sys.executable, "-m", "moe_dist.export.inference", str(ref / "checkpoints" / "checkpoint_latest"),
                            "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"],
                           capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -67,15 +67,15 @@ def test_consolidate_and_generate_name_every_device(tmp_path):
     ckpt = out / "checkpoints" / "checkpoint_latest"
     for dtype in ("fp32", "bf16"):
         pt = tmp_path / f"model-{dtype}.pt"
-        res = _tool("moe_dist.consolidate", str(ckpt), "-o", str(pt), "--dtype", dtype, "--verify", "-q")
+        res = _tool("moe_dist.export.consolidate_cli", str(ckpt), "-o", str(pt), "--dtype", dtype, "--verify", "-q")
         assert res.returncode == 0, res.stderr
         assert "identical" in res.stderr
     st = tmp_path / "st"
     for fmt, folder in (("safetensors", st), ("hf", tmp_path / "hf")):
-        res = _tool("moe_dist.consolidate", str(ckpt), "-o", str(folder), "--format", fmt, "-q")
+        res = _tool("moe_dist.export.consolidate_cli", str(ckpt), "-o", str(folder), "--format", fmt, "-q")
         assert res.returncode == 0, res.stderr
     for source in (tmp_path / "model-fp32.pt", tmp_path / "model-bf16.pt", st, ckpt):
-        res = _tool("moe_dist.inference", str(source), "--prompt", "def ", "--max-new-tokens", "8",
+        res = _tool("moe_dist.export.inference", str(source), "--prompt", "def ", "--max-new-tokens", "8",
                     "--temperature", "0")
         assert res.returncode == 0, f"{source}: {res.stderr}"
         assert res.stdout.startswith("def ") and len(res.stdout) > len("def \n")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moe_dist import load_model_for_inference
-from moe_dist.consolidate import main as consolidate_main
+from moe_dist.export.consolidate_cli import main as consolidate_main
 from moe_dist.data import load_tokenizer
-from moe_dist.inference import generate_main
+from moe_dist.export.inference import generate_main
 
 from ..tiny_tokenizer import TEXT, save_tiny_bpe
 from .trainrun import train

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moe_dist.cli import build_parser, config_help_text, parse
+from moe_dist.run.cli import build_parser, config_help_text, parse
 from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset, load_config_file
 from moe_dist.parallel.deepspeed.config import build_ds_config, read_launch_json
 from moe_dist.parallel.dims import batch_layout

@@ -24,8 +24,10 @@ from moe_dist.checkpoint.keys import FORMAT_VERSION
 from moe_dist.checkpoint.manifest import write_manifest
 from moe_dist.config import ModelConfig, RunConfig, TrainConfig
 from moe_dist.checkpoint.reader import Checkpoint, CheckpointReader
-from moe_dist.consolidate import ConsolidateError, build_parser, main, verify_output
-from moe_dist.inference import generate_main, load_checkpoint, load_model_for_inference
+from moe_dist.export.consolidate import verify_output
+from moe_dist.export.consolidate_cli import build_parser, main
+from moe_dist.export.errors import ConsolidateError
+from moe_dist.export.inference import generate_main, load_checkpoint, load_model_for_inference
 from moe_dist import model as lm
 
 from moe_dist.parallel.engine import per_expert_tensors
@@ -334,12 +336,12 @@ _MEASURE = textwrap.dedent("""
     read_end, write_end = os.pipe()
     if os.fork() == 0:
         import torch, safetensors.torch, rich.progress
-        import moe_dist.consolidate, moe_dist.model
+        import moe_dist.export.consolidate_cli, moe_dist.model
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         if sys.argv[1] == "ours":
-            assert moe_dist.consolidate.main([sys.argv[2], "-o", sys.argv[3], "-q"]) == 0
+            assert moe_dist.export.consolidate_cli.main([sys.argv[2], "-o", sys.argv[3], "-q"]) == 0
         else:
             dcp_to_torch_save(sys.argv[2], sys.argv[3])
         dt = time.perf_counter() - t0

@@ -55,4 +55,4 @@ def test_model_knows_no_parallelism():
 def test_the_import_scan_sees_relative_imports():
     """The checks above would pass vacuously if relative imports were misread."""
     found = _imports(PACKAGE / "parallel" / "deepspeed" / "setup.py")
-    assert {"moe_dist.parallel.runtime", "moe_dist.parallel.deepspeed.config"} <= found, found
+    assert {"moe_dist.parallel.world", "moe_dist.parallel.deepspeed.config"} <= found, found

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moe_dist.data import ByteTokenizer
-from moe_dist.consolidate import main
-from moe_dist.inference import generate
+from moe_dist.export.consolidate_cli import main
+from moe_dist.export.inference import generate
 from moe_dist.model import MoETransformer
 
 from .test_consolidate import make_checkpoint

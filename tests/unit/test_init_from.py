@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_dist import init_from
+from moe_dist.run import init_from
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.config import apply_overrides, get_preset
-from moe_dist.export_hf import HF_MARKER, hf_tensor_name, mixtral_config
+from moe_dist.export.hf import HF_MARKER, hf_tensor_name, mixtral_config
 from moe_dist import model as lm
 
 SMALL = {"model.d_model": 32, "model.n_heads": 2, "model.d_ff": 32, "model.max_seq_len": 32, "train.seq_len": 32}

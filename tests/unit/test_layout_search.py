@@ -1,4 +1,4 @@
-"""moe-plan --choose / --fit (moe_dist.layout_search) and the Muon cost (moe_dist.muon_cost).
+"""moe-plan --choose / --fit (moe_dist.plan.layout_search) and the Muon cost (moe_dist.plan.muon_cost).
 
 Figures are never restated here: every expectation is derived from ``plan()``, DeepSpeed's own
 functions or torch's FLOP counter in the same test.
@@ -11,9 +11,10 @@ from collections import Counter
 import pytest
 
 from moe_dist.config import ModelConfig, apply_overrides, get_preset
-from moe_dist.layout_search import candidate_layouts, choose, family_depth, fit, scaled
-from moe_dist.muon_cost import MUON_CPU_FLOPS_PER_CORE, muon_matrices, muon_step_flops, ns_flops
-from moe_dist.planner import GiB, Hardware, build_parser, main, plan
+from moe_dist.plan.layout_search import candidate_layouts, choose, family_depth, fit, scaled
+from moe_dist.plan.muon_cost import MUON_CPU_FLOPS_PER_CORE, muon_matrices, muon_step_flops, ns_flops
+from moe_dist.plan.cli import build_parser, main
+from moe_dist.plan.memory import GiB, Hardware, plan
 
 ONE_4090 = dict(gpu_mem=24 * GiB, gpus_per_node=1)
 
@@ -49,7 +50,7 @@ def test_muon_matrices_are_the_models_muon_params(model):
     """Every shape Muon gets in the real model (optim.uses_muon), with its count, and nothing else."""
     pytest.importorskip("torch")
     from moe_dist import model as lm
-    from moe_dist.optim import uses_muon
+    from moe_dist.run.optim import uses_muon
 
     from moe_dist.parallel.engine import per_expert_tensors
 

@@ -8,7 +8,7 @@ import pytest
 
 from moe_dist.config import ModelConfig, TrainConfig
 from moe_dist import model as lm
-from moe_dist.optim import LRSchedule, param_groups, tag_parameters, uses_muon
+from moe_dist.run.optim import LRSchedule, param_groups, tag_parameters, uses_muon
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -11,7 +11,7 @@ import torch
 
 from moe_dist import model as lm
 from moe_dist.config import ModelConfig, get_preset
-from moe_dist.param_counts import count_params
+from moe_dist.plan.param_counts import count_params
 
 TINY = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, d_ff=24, num_experts=4, top_k=2, max_seq_len=32)
 
@@ -55,7 +55,7 @@ def test_preset_counts(name):
         assert pc.largest_module == 8 * 4096 * 11008  # a layer's stacked expert matrix (E, F, D) is the largest
 
 
-@pytest.mark.parametrize("module", ["moe_dist.param_counts", "moe_dist.parallel.dims", "moe_dist.planner"])
+@pytest.mark.parametrize("module", ["moe_dist.plan.param_counts", "moe_dist.parallel.dims", "moe_dist.plan.cli"])
 def test_imports_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0, f"{module} imports torch"

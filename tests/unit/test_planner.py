@@ -21,9 +21,10 @@ import re
 import pytest
 
 from moe_dist.config import ConfigError, RunConfig, apply_overrides, get_preset
-from moe_dist.param_counts import count_params
-from moe_dist.planner import (GiB, MODEL_STATE, Consumer, Hardware, build_parser, main,
-                              parse_bytes, peak, plan)
+from moe_dist.plan.param_counts import count_params
+from moe_dist.plan.cli import build_parser, main
+from moe_dist.plan.memory import GiB, MODEL_STATE, Consumer, Hardware, peak, plan
+from moe_dist.plan.units import parse_bytes
 
 ds_z2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 ds_z3 = pytest.importorskip("deepspeed.runtime.zero.stage3")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from moe_dist import run_artifacts, trackers
-from moe_dist.cli import parse
+from moe_dist.run import artifacts as run_artifacts, trackers
+from moe_dist.run.cli import parse
 from moe_dist.config import ConfigError, apply_overrides, get_preset
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_dist.config import ConfigError
-from moe_dist.run_folder import check_fresh_start, run_traces, set_aside_later_checkpoints
+from moe_dist.run.folder import check_fresh_start, run_traces, set_aside_later_checkpoints
 
 
 def _old_run(folder):

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from moe_dist.parallel.launcher_guard import AGENT_ENV, find_agent
-from moe_dist.run_lock import LOCK_NAME, RunFolderBusy, RunLock, run_status
+from moe_dist.run.lock import LOCK_NAME, RunFolderBusy, RunLock, run_status
 
 REPO = Path(__file__).resolve().parents[2]
 
 HOLD = """
 import sys, time
-from moe_dist.run_lock import RunLock
+from moe_dist.run.lock import RunLock
 lock = RunLock(sys.argv[1]); lock.acquire()
 print("held", flush=True)
 time.sleep(600)

@@ -94,9 +94,9 @@ def test_bpe_store_same_tokens_with_1_and_2_processes(tmp_path, bpe):
 
 def test_local_dataset_folder_streams_into_the_store(tmp_path, bpe, monkeypatch):
     """The hub path (load_dataset(name, streaming=True)) on a local dataset folder, with a 2-process pool."""
-    from moe_dist.data import prepare
+    from moe_dist.data import encode
 
-    monkeypatch.setattr(prepare, "_STREAM_BATCH", 100)  # 15 batches: more than the 4 kept in flight
+    monkeypatch.setattr(encode, "_STREAM_BATCH", 100)  # 15 batches: more than the 4 kept in flight
     folder = tmp_path / "ds"
     folder.mkdir()
     _jsonl(folder / "part-0.jsonl", _docs(900))

@@ -10,9 +10,9 @@ import pytest
 
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.manifest import write_manifest
-from moe_dist.consolidate import main as consolidate_main
+from moe_dist.export.consolidate_cli import main as consolidate_main
 from moe_dist.data import DataError, load_tokenizer, tokenizer_from_spec
-from moe_dist.inference import generate, generate_main
+from moe_dist.export.inference import generate, generate_main
 
 from ..tiny_tokenizer import TEXT, save_tiny_bpe
 from .test_consolidate import TINY, make_checkpoint

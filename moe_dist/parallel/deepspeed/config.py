@@ -106,7 +106,7 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     if not on_gpu and zero.get("offload_optimizer", {}).get("device", "none") == "none":
         # FusedAdam needs CUDA; on CPU (and for Muon's auxiliary Adam) use torch's AdamW.
         ds["optimizer"]["params"]["torch_adam"] = True
-    ds.pop("scheduler", None)  # the LR schedule is ours (moe_dist.optim), stepped per optimizer step
+    ds.pop("scheduler", None)  # the LR schedule is ours (moe_dist.run.optim), stepped per optimizer step
     leftovers = [k for k, v in _walk(ds) if v == "auto"]
     if leftovers:
         raise ConfigError(f"DeepSpeed config still has 'auto' for {', '.join(leftovers)}; give explicit values")

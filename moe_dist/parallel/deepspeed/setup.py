@@ -18,9 +18,9 @@ from torch import nn
 
 from ...config import RunConfig
 from ...logging_utils import get_logger, quiet_third_party
-from ...optim import param_groups, tag_parameters
+from ...run.optim import param_groups, tag_parameters
 from ..dims import BatchLayout, batch_layout, validate_ep
-from ..runtime import Runtime, single_process_defaults
+from ..world import Runtime, single_process_defaults
 from .config import build_ds_config, read_launch_json
 from .cuda_arch import fix_arch_list_for_deepspeed
 from .jit_locks import warn_stale_build_locks

@@ -23,7 +23,7 @@ from ...checkpoint.fragment import Fragment
 from ...config import RunConfig
 from ...logging_utils import get_logger
 from ..engine import per_expert_fragments, per_expert_tensors
-from ..runtime import Runtime
+from ..world import Runtime
 from . import fragments
 from .muon import ShardedMuon
 from .optimizer import build_optimizers, init_adamw_state

@@ -1,7 +1,7 @@
 """The optimizers of an FSDP2 run: the split and hyper-parameters of the DeepSpeed runs.
 
 ``train.optimizer = adamw``: one ``torch.optim.AdamW`` over the two groups of
-:func:`moe_dist.optim.param_groups` (decayed matrices, undecayed vectors), as DeepSpeed's AdamW.
+:func:`moe_dist.run.optim.param_groups` (decayed matrices, undecayed vectors), as DeepSpeed's AdamW.
 ``muon``: each group is cut into its Muon half (``uses_muon``: 2-D hidden matrices, router
 included) and its AdamW half (embedding, head, norms), as DeepSpeed's ``Muon`` type does
 (``_muon_param_groups``): Muon halves step with :class:`~.muon.ShardedMuon` at ``train.muon_lr``,
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import TrainConfig
-from ...optim import param_groups, tag_parameters
+from ...run.optim import param_groups, tag_parameters
 from .muon import ShardedMuon
 
 ADAM_EPS = 1e-8  # what the DeepSpeed runs use (parallel/deepspeed/config.py)

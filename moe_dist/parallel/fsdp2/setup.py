@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ...config import ConfigError, RunConfig
 from ...logging_utils import get_logger, quiet_third_party, warn_once
 from ..dims import batch_layout, validate_ep
-from ..runtime import Runtime, single_process_defaults
+from ..world import Runtime, single_process_defaults
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def init_fsdp2_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                        accelerator_kwargs: Optional[dict[str, Any]] = None) -> Runtime:
     """The process group, the device of this rank and the resolved settings (every rank calls it).
 
-    ``accelerator_kwargs``: the trackers (see moe_dist.trackers); an Accelerator is built only for them."""
+    ``accelerator_kwargs``: the trackers (see moe_dist.run.trackers); an Accelerator is built only for them."""
     quiet_third_party()
     _refuse_accelerate_engines()
     settings = resolve_settings(cfg, deepspeed_config)

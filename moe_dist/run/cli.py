@@ -11,7 +11,7 @@ import argparse
 from dataclasses import MISSING, fields
 from typing import Any, Optional
 
-from .config import (PRESETS, SECTIONS, ConfigError, RunConfig, _section_classes, apply_overrides, get_preset,
+from ..config import (PRESETS, SECTIONS, ConfigError, RunConfig, _section_classes, apply_overrides, get_preset,
                      load_config_file, parse_set_args, resolve_key)
 
 

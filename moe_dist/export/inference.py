@@ -35,12 +35,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .checkpoint import layout
-from .checkpoint.errors import CheckpointError
-from .config import RunConfig
-from .checkpoint.keys import model_key, param_name
-from .checkpoint.reader import Checkpoint, run_config
-from .consolidate import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, is_hf_export, safetensors_files
+from ..checkpoint import layout
+from ..checkpoint.errors import CheckpointError
+from ..config import RunConfig
+from ..checkpoint.keys import model_key, param_name
+from ..checkpoint.reader import Checkpoint, run_config
+from .hf import is_hf_export
+from .safetensors_writer import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
 
 
 @dataclass
@@ -181,7 +182,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, device: str | torch.devi
 
 
 def _build(info: CheckpointInfo, device: str | torch.device) -> tuple[nn.Module, RunConfig]:
-    from . import model as lm
+    from .. import model as lm
 
     cfg = run_config(info.config, info.path)
     model = lm.build(cfg.model, device)
@@ -249,9 +250,9 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from .data.errors import DataError
-    from .data.tokenizer import load_tokenizer, tokenizer_from_spec
-    from .debug import strict_device_from_env
+    from ..data.errors import DataError
+    from ..data.tokenizer import load_tokenizer, tokenizer_from_spec
+    from ..debug import strict_device_from_env
 
     a = build_generate_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)

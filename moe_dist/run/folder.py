@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from ..config import ConfigError
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -80,7 +80,7 @@ def set_aside_later_checkpoints(output_dir: str, resumed_from: Optional[Path], s
     later steps (a future this run abandoned) to ``<output-dir>.old-<time>/checkpoints/``, so the
     newest checkpoint in the folder is always this run's: what ``--resume auto`` and ``moe-ckpt
     info`` take. Rank 0 only. Returns the names moved."""
-    from .checkpoint import layout
+    from ..checkpoint import layout
 
     root = layout.checkpoints_dir(output_dir)
     if resumed_from is None or Path(resumed_from).resolve().parent != root.resolve():

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 NO_MUON_KEYWORDS = ("embed", "lm_head")
 
@@ -45,7 +45,7 @@ def tag_parameters(model: nn.Module) -> None:
     """Set ``param.use_muon`` on every parameter (DeepSpeed's Muon requires the tag on all), and
     ``param.is_expert_group`` on the stacked expert matrices: DeepSpeed's Muon (``muon_update``)
     then orthogonalises each expert's matrix on its own, as for one 2-D parameter per expert."""
-    from .model import stacked_experts
+    from ..model import stacked_experts
 
     stacked = stacked_experts(model)
     for name, p in model.named_parameters():

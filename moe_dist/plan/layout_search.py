@@ -31,16 +31,13 @@ d_model 384 x 249 layers on 24 GB + 128 GB), equal in size to sane ones and usel
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from .config import ConfigError, RunConfig
-from .parallel.deepspeed.config import read_launch_json
+from ..config import ConfigError, RunConfig
+from .memory import Hardware, Plan, plan
 from .param_counts import count_params
-from .planner import (Hardware, Plan, config_from_args, fmt_bytes, fmt_count, parse_bytes, plan,
-                      render)
 
 
 @dataclass(frozen=True)
@@ -174,73 +171,3 @@ def fit(cfg: RunConfig, hw: Hardware, launch: Optional[dict] = None,
 
 
 # --------------------------------------------------------------------------- CLI (moe-plan)
-def main_search(a: argparse.Namespace, console: Any) -> int:
-    """``moe-plan --choose`` and ``moe-plan --fit``: the flags that fix a layout are refused."""
-    flag = "--fit" if a.fit else "--choose"
-    fixed = [f for f, v in (("--zero-stage", a.zero_stage), ("--ep-size", a.ep_size),
-                            ("--offload-optimizer", a.offload_optimizer), ("--offload-params", a.offload_params))
-             if v is not None]
-    if fixed:
-        raise ConfigError(f"{flag} picks the layout itself; drop {', '.join(fixed)} (or drop {flag} to plan that "
-                          "layout)")
-    cfg = config_from_args(a)
-    hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
-                  nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
-    launch = read_launch_json(a.launch_config)
-    where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
-    if a.fit:
-        print_fit(fit(cfg, hw, launch), cfg, where, console)
-    else:
-        print_choice(choose(cfg, hw, launch), cfg, where, console)
-    return 0
-
-
-def print_choice(ch: Choice, cfg: RunConfig, where: str, console: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"Layouts tried for {cfg.preset} on {where}, fastest first", title_justify="left")
-    for col in ("layout", "GPU peak", "CPU peak", "fits"):
-        t.add_column(col, justify="left" if col == "layout" else "right")
-    for lay, pl in ch.tried:
-        t.add_row(lay.label, fmt_bytes(pl.gpu.total if pl.gpu else None), fmt_bytes(pl.cpu.total),
-                  "yes" if pl.fits else "no")
-    console.print(t)
-    if ch.layout is None:
-        console.print("[bold red]no layout fits[/]; the last one tried in full below (--fit finds what does fit)")
-        render(ch.tried[-1][1], cfg.preset, console)
-        return
-    console.print(f"[bold]chosen: {ch.layout.label}[/] (moe-train flags: {ch.layout.train_flags})")
-    render(ch.plan, cfg.preset, console)
-
-
-def print_fit(results: list[FitResult], cfg: RunConfig, where: str, console: Any) -> None:
-    from rich.table import Table
-
-    m = cfg.model
-    t = Table(title=f"Largest {cfg.preset}-family model that fits {where}", title_justify="left")
-    for col in ("experts", "d_model", "layers", "heads", "d_ff", "total params", "layout", "GPU peak", "CPU peak"):
-        t.add_column(col, justify="left" if col == "layout" else "right")
-    for r in results:
-        pl, rm = r.choice.plan, r.cfg.model
-        t.add_row(str(r.num_experts), str(r.d_model), str(r.n_layers), str(rm.n_heads), str(rm.d_ff),
-                  fmt_count(r.params), r.choice.layout.label, fmt_bytes(pl.gpu.total if pl.gpu else None),
-                  fmt_bytes(pl.cpu.total))
-    console.print(t)
-    console.print(f"scaled: d_model (multiples of head_dim {m.head_dim}) with n_layers at d_model/n_layers = "
-                  f"{m.d_model / m.n_layers:.4g}, then layers added while they fit; d_ff = d_model x "
-                  f"{m.d_ff / m.d_model:g} rounded to 64; num_experts. Kept: head_dim, top_k {m.top_k}, "
-                  f"{m.expert_type} experts, vocab {m.vocab_size}, micro batch x seq, global batch, activation "
-                  "checkpointing, optimizer.")
-    if not results:
-        console.print("[bold red]nothing fits[/]: not even one layer of d_model = head_dim")
-        return
-    top, tm = results[0], results[0].cfg.model
-    if top.d_model == MAX_D_MODEL_HEADS * m.head_dim or top.n_layers == MAX_LAYERS:
-        console.print(f"note: the search stopped at its limit (d_model {MAX_D_MODEL_HEADS * m.head_dim}, "
-                      f"{MAX_LAYERS} layers); a bigger model may fit")
-    model_flags = " ".join(f"--set model.{k}={getattr(tm, k)}" for k in
-                           ("d_model", "n_heads", "n_kv_heads", "d_ff", "n_layers", "num_experts")
-                           if getattr(tm, k) is not None)
-    console.print(f"[bold]largest: {fmt_count(top.params)} params[/] (d_model {top.d_model}, {top.n_layers} "
-                  f"layers, {top.num_experts} experts), {top.choice.layout.label}. Train it with: "
-                  f"{model_flags} {top.choice.layout.train_flags}")

@@ -3,7 +3,7 @@
 The source may be a DCP checkpoint (a step folder, ``checkpoint_latest`` or a run folder's
 ``checkpoints/``; any world size, ZeRO stage or EP degree), a ``.pt`` or safetensors export of
 moe-consolidate, or a ``--format hf`` export. Only the model weights are read (through
-``moe_dist.inference``'s readers); the optimizer, LR schedule, step counter and data cursor start
+``moe_dist.export.inference``'s readers); the optimizer, LR schedule, step counter and data cursor start
 fresh, so another corpus is fine. A source of another architecture is refused with the differing
 fields named (the check resume uses). ``check`` runs on every rank before anything is built;
 ``reader`` returns ``fill(name, tensor)``, which copies one parameter's value: the sharded build
@@ -19,9 +19,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint.errors import CheckpointError
-from .checkpoint.resume import check_same_architecture
-from .config import ModelConfig
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.resume import check_same_architecture
+from ..config import ModelConfig
 
 # config.json fields of a --format hf export that fix the architecture, and our field for each.
 HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "intermediate_size": "d_ff",
@@ -32,7 +32,8 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "intermediate
 
 
 def _hf_folder(path: Path) -> bool:
-    from .consolidate import MOE_CONFIG, is_hf_export
+    from ..export.hf import is_hf_export
+    from ..export.safetensors_writer import MOE_CONFIG
 
     folder = path if path.is_dir() else path.parent
     return is_hf_export(folder) and not (folder / MOE_CONFIG).exists()
@@ -53,7 +54,7 @@ def check(path: str, model_cfg: ModelConfig) -> None:
             raise CheckpointError(f"--init-from {path}: weights of another architecture; differing fields: "
                                   + "; ".join(diffs) + ". Set the model fields to the saved values.")
         return
-    from .inference import checkpoint_info
+    from ..export.inference import checkpoint_info
 
     try:
         info = checkpoint_info(p, verify=False)
@@ -79,18 +80,18 @@ def reader(path: str) -> Callable[[str, torch.Tensor], None]:
     weights one parameter at a time, the ones it builds (``parallel/materialize.py``)."""
     p = Path(path)
     if _hf_folder(p):
-        from .consolidate import safetensors_files
-        from .export_hf import hf_tensor_name
+        from ..export.safetensors_writer import safetensors_files
+        from ..export.hf import hf_tensor_name
 
         folder = p if p.is_dir() else p.parent
         where, rename = _safetensors_index(safetensors_files(folder, None)), hf_tensor_name
         hint = "export it again with moe-consolidate --format hf"
     else:
-        from .inference import checkpoint_info
+        from ..export.inference import checkpoint_info
 
         info = checkpoint_info(p)
         if info.kind == "dcp":
-            from .checkpoint.keys import model_key
+            from ..checkpoint.keys import model_key
 
             ckpt, stored = info.source, info.source.metadata
 
@@ -136,7 +137,7 @@ def _check_source(path: str, name: str, found: Optional[tuple[int, ...]], t: tor
 @torch.no_grad()
 def load(path: str, model: nn.Module) -> None:
     """Copy the source's weights into ``model`` (a full model, every parameter present)."""
-    from .model import per_expert_fill
-    from .parallel.materialize import fill_full
+    from ..model import per_expert_fill
+    from ..parallel.materialize import fill_full
 
     fill_full(model, per_expert_fill(model, reader(path)))

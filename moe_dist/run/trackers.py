@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> the package it needs
 

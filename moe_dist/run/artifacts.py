@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint.layout import write_file_atomic
-from .config import RunConfig
-from .logging_utils import get_logger
+from ..checkpoint.layout import write_file_atomic
+from ..config import RunConfig
+from ..logging_utils import get_logger
 
 CONFIG_FILE = "config.yaml"
 CURVE_FILE = "loss_curve.png"

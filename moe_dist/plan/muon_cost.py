@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 NS_STEPS = 5   # muon_update(..., ns_steps=5), DeepSpeed's default; moe_dist does not change it
 

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import RunConfig
-from .data.loader import DataBundle, iter_val_batches
-from .data.sampler import GlobalCursorSampler
-from .host_syncs import HostSyncCounter, count_syncs_from_env
+from ..config import RunConfig
+from ..data.loader import DataBundle, iter_val_batches
+from ..data.sampler import GlobalCursorSampler
+from ..host_syncs import HostSyncCounter, count_syncs_from_env
 from .metrics import MetricsLog, StepAccumulator
 from .optim import LRSchedule
-from .parallel.runtime import Runtime
+from ..parallel.runtime import Runtime
 
 
 def micro_seed(seed: int, step: int, micro_index: int) -> int:

@@ -35,11 +35,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoint.reader import Advance, Checkpoint
-from .config import ModelConfig
-from .consolidate import ConsolidateError, write_safetensors_shards
-from .data.errors import DataError
-from .data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
+from ..checkpoint.reader import Advance, Checkpoint
+from ..config import ModelConfig
+from .errors import ConsolidateError
+from .safetensors_writer import write_safetensors_shards
+from ..data.errors import DataError
+from ..data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
 
 HF_MARKER = "moe_dist_export"  # key of config.json naming what was exported (and what --force may replace)
 BYTE_EOS_TOKEN = "<|endoftext|>"
@@ -71,6 +72,14 @@ def hf_tensor_name(name: str) -> str:
         if m:
             return rename(m)
     raise ExportError(f"{name}: no Mixtral tensor corresponds to it; this moe_dist model cannot be exported as hf")
+
+
+def is_hf_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``--format hf`` export written by moe-consolidate."""
+    try:
+        return HF_MARKER in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_exportable(cfg: ModelConfig) -> None:

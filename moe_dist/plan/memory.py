@@ -42,19 +42,16 @@ Totals are a peak over phases: always + max(init, train + max(fwd/bwd, step)) (s
 
 from __future__ import annotations
 
-import argparse
-import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import ConfigError, ModelConfig, RunConfig, apply_overrides, get_preset, PRESETS
+from ..config import ConfigError, ModelConfig, RunConfig, apply_overrides
+from ..parallel.deepspeed.config import build_ds_config, optimizer_kind, read_launch_json
+from ..parallel.dims import validate_ep
 from .muon_cost import muon_step_note
 from .param_counts import ParamCounts, count_params
-from .parallel.deepspeed.config import build_ds_config, optimizer_kind, read_launch_json
-from .parallel.dims import validate_ep
+from .units import GiB
 
-GiB = 2**30
 
 # Stated constants (per GPU unless said otherwise).
 CUDA_CONTEXT_BYTES = int(1.0 * GiB)   # CUDA context, kernel images (lazy loading), cuBLAS/cuDNN workspaces
@@ -386,146 +383,3 @@ def muon_offload_rows(add: Any, s: Settings, largest: int, S_muon: float) -> Non
         add("gpu", "Muon grads + momentum copied to GPU (offload step)",
             max(64 * 2**20, 8 * largest) + (256 * 2**20 if n > 1 else 0), "optimizer", "step",
             "fp32, 64 MiB batches (_muon_allgather_max_buffer_bytes)")
-
-
-# --------------------------------------------------------------------------- CLI
-def parse_bytes(text: str) -> int:
-    """'24GB', '1.5TiB', '512M', '1e9' -> bytes. GB and GiB both mean 2^30 (as DeepSpeed prints)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 24GB, 180GB, 2TB")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= 0.1 * scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def fmt_count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-plan", description="Estimate per-GPU and per-node CPU memory of a "
-                                "moe_dist run and say whether it fits. Unset flags take the preset's values, then the launch "
-                                "JSON's. Exit code 0 whether or not it fits (2 for an invalid configuration).")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="Model/training preset.")
-    p.add_argument("--launch-config", metavar="JSON", help="DeepSpeed launch JSON (zero stage, offload, buckets); "
-                   "preset values and flags win over it, as in the trainer.")
-    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="ZeRO stage.")
-    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                   help="Master weights, optimizer states and fp32 grads on CPU.")
-    p.add_argument("--offload-params", action=argparse.BooleanOptionalAction, default=None,
-                   help="ZeRO-3 parameter partitions on CPU.")
-    p.add_argument("--ep-size", type=int, help="Expert-parallel degree.")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="Recompute each block in backward.")
-    p.add_argument("--engine", choices=["deepspeed", "fsdp2"],
-                   help="Training engine (default deepspeed); fsdp2 is planned with ZeRO-3's terms.")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="Training precision (default: bf16 on GPU).")
-    p.add_argument("--optimizer", choices=["muon", "adamw"], help="Optimizer (Muon also uses AdamW for "
-                   "embeddings and norms).")
-    p.add_argument("--micro-batch", type=int, help="Sequences per rank per forward pass.")
-    p.add_argument("--seq-len", type=int, help="Tokens per sequence.")
-    p.add_argument("--global-batch", type=int, help="Sequences per optimizer step (sets grad accumulation).")
-    p.add_argument("--gpu-mem", default="24GB", help="Memory per GPU (default 24GB).")
-    p.add_argument("--cpu-mem", default="64GB", help="Memory per node (default 64GB).")
-    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (= processes) per node.")
-    p.add_argument("--nodes", type=int, default=1, help="Nodes.")
-    p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
-                   help="'cpu' plans a CPU-only run (the demo): all tensors in host memory.")
-    p.add_argument("--full-build", action="store_true", help="Plan start-up with parallel.sharded_build=false: "
-                   "every rank builds the full fp32 model on the CPU before the engine shards it.")
-    p.add_argument("--host-buffer-factor", type=float, default=1.5,
-                   help="Slack on host-side model states (DeepSpeed's additional_buffer_factor).")
-    p.add_argument("--choose", action="store_true",
-                   help="Pick the layout: try ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-2 + optimizer offload, ZeRO-3 + optimizer "
-                   "offload, ZeRO-3 + optimizer and parameter offload (with every EP degree on several GPUs), fastest "
-                   "first, and plan the first whose GPU and CPU peaks fit. Not with --zero-stage, --ep-size or "
-                   "--offload-*.")
-    p.add_argument("--fit", action="store_true",
-                   help="The largest model of the preset's family that fits this machine: scales d_model (multiples "
-                   "of head_dim) with n_layers at the preset's aspect ratio, then adds layers while they fit; d_ff "
-                   "keeps its ratio to d_model; num_experts x1/2, 1, 2, 4. Keeps head_dim, top_k, vocabulary and "
-                   "batch. Each candidate gets the --choose layout.")
-    return p
-
-
-def config_from_args(a: argparse.Namespace) -> RunConfig:
-    cfg = get_preset(a.preset)
-    over: dict[str, Any] = {}
-    for flag, key in (("engine", "parallel.engine"), ("zero_stage", "parallel.zero_stage"),
-                      ("offload_optimizer", "parallel.offload_optimizer"),
-                      ("offload_params", "parallel.offload_params"), ("ep_size", "parallel.ep_size"),
-                      ("activation_checkpointing", "parallel.activation_checkpointing"),
-                      ("precision", "parallel.precision"), ("optimizer", "train.optimizer"),
-                      ("micro_batch", "train.micro_batch_size"), ("seq_len", "train.seq_len"),
-                      ("global_batch", "train.global_batch_size")):
-        if getattr(a, flag) is not None:
-            over[key] = getattr(a, flag)
-    if a.full_build:
-        over["parallel.sharded_build"] = False
-    return apply_overrides(cfg, over)
-
-
-def render(pl: Plan, preset: str, console: Any) -> None:
-    from rich.table import Table
-
-    s, pc = pl.settings, pl.params
-    off = "+".join(x for x, on in (("optimizer", s.offload_optimizer), ("params", s.offload_params)) if on) or "none"
-    console.print(f"[bold]{preset}[/]: {fmt_count(pc.total)} params ({fmt_count(pc.experts)} in routed experts) | "
-                  f"{s.label}, offload {off}, {s.precision}, {s.optimizer}, world {s.world_size}, "
-                  f"EP {s.ep_size}, micro {s.micro_batch} x seq {s.seq_len}, grad accum {s.grad_accum}, "
-                  f"act. ckpt {'on' if s.activation_checkpointing else 'off'}")
-    for rep in (pl.gpu, pl.cpu):
-        if rep is None:
-            continue
-        t = Table(title=f"{rep.device} memory ({rep.scope})", title_justify="left")
-        for col, just in (("consumer", "left"), ("phase", "left"), ("size", "right"), ("note", "left")):
-            t.add_column(col, justify=just)
-        for c in sorted(rep.consumers, key=lambda c: -c.bytes):
-            t.add_row(c.name, c.phase, fmt_bytes(c.bytes), c.note)
-        t.add_section()
-        t.add_row("[bold]total (peak over phases)[/]", "", f"[bold]{fmt_bytes(rep.total)}[/]", "")
-        t.add_row("capacity", "", fmt_bytes(rep.capacity), "")
-        verdict = "[bold green]FITS[/]" if rep.fits else "[bold red]DOES NOT FIT[/]"
-        t.add_row(verdict, "", "", f"biggest consumer: {rep.biggest.name} ({fmt_bytes(rep.biggest.bytes)})")
-        console.print(t)
-    for note in pl.notes:
-        console.print(f"note: {note}")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from rich.console import Console
-
-    a = build_parser().parse_args(argv)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-    if a.choose or a.fit:
-        from .layout_search import main_search
-
-        try:
-            return main_search(a, console)
-        except ConfigError as e:
-            console.print(f"[red]error:[/] {e}")
-            return 2
-    try:
-        cfg = config_from_args(a)
-        hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
-                      nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
-        launch = read_launch_json(a.launch_config)
-        pl = plan(cfg, hw, launch)
-    except ConfigError as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
-    render(pl, cfg.preset, console)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The presets: named ``RunConfig`` s a run starts from (``--preset``), before the config file and
+``--set`` overrides. ``tiny`` is the CPU demo; ``4090``, ``b200`` and ``18b`` the seed's targets;
+``100m`` the checkpoint / consolidation benchmarks' model."""
+
+from __future__ import annotations
+
+from .sections import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+
+def _preset_tiny() -> RunConfig:
+    return RunConfig(preset="tiny")
+
+
+def _preset_4090() -> RunConfig:
+    # The seed's 4090 config: ~600M params with its two-matrix SiLU experts.
+    m = ModelConfig(vocab_size=50304, d_model=1024, n_layers=12, n_heads=8, d_ff=2752, num_experts=8, top_k=2,
+                    expert_type="silu_mlp", max_seq_len=1024)
+    t = TrainConfig(global_batch_size=32, micro_batch_size=2, seq_len=1024, warmup_steps=500, max_steps=50000,
+                    muon_lr=0.02, adamw_lr=3e-4, eval_every=500, eval_batches=20)
+    # ZeRO stage and offload come from the launch config (launch_configs/4090.json: ZeRO-1, no offload).
+    p = ParallelConfig(activation_checkpointing=True)
+    return RunConfig(model=m, train=t, parallel=p, preset="4090")
+
+
+def _preset_b200() -> RunConfig:
+    # The seed's final B200 config (d 2816, 22 heads, 30 layers, d_ff 7680, 8 experts).
+    m = ModelConfig(vocab_size=50304, d_model=2816, n_layers=30, n_heads=22, d_ff=7680, num_experts=8, top_k=2,
+                    expert_type="silu_mlp", max_seq_len=2048)
+    t = TrainConfig(global_batch_size=128, micro_batch_size=2, seq_len=2048, warmup_steps=1000, max_steps=100000,
+                    muon_lr=0.01, adamw_lr=3e-4, weight_decay=0.1, eval_every=1000, eval_batches=20)
+    p = ParallelConfig(ep_size=8)  # ZeRO-2 + bf16 from launch_configs/b200_multinode.json
+    return RunConfig(model=m, train=t, parallel=p, preset="b200")
+
+
+def _preset_18b() -> RunConfig:
+    # The model the project is named for: 16 layers of SwiGLU experts give ~18.6B parameters.
+    m = ModelConfig(vocab_size=50304, d_model=4096, n_layers=16, n_heads=32, d_ff=11008, num_experts=8, top_k=2,
+                    expert_type="swiglu", max_seq_len=4096)
+    t = TrainConfig(global_batch_size=256, micro_batch_size=1, seq_len=4096, warmup_steps=2000, max_steps=100000,
+                    muon_lr=0.01, adamw_lr=2e-4, eval_every=1000, eval_batches=20)
+    p = ParallelConfig(ep_size=8, activation_checkpointing=True)
+    return RunConfig(model=m, train=t, parallel=p, preset="18b")
+
+
+def _preset_small() -> RunConfig:
+    # ~100M parameters: for checkpoint / consolidation benchmarks on CPU.
+    m = ModelConfig(vocab_size=320, d_model=512, n_layers=6, n_heads=8, d_ff=1280, num_experts=8, top_k=2,
+                    max_seq_len=256)
+    t = TrainConfig(seq_len=256)
+    return RunConfig(model=m, train=t, preset="100m")
+
+
+PRESETS = {"tiny": _preset_tiny, "100m": _preset_small, "4090": _preset_4090, "b200": _preset_b200,
+           "18b": _preset_18b}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
