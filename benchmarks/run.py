@@ -12,6 +12,8 @@ Sections (one module each; ``--only`` takes these names):
   muon_cpu     one Muon step's Newton-Schulz on the CPU for the 4090 preset's matrices  (bench_muon_cpu)
   data         token store: preparation tokens/s (1 vs 2 procs), start-up + RSS vs corpus size (bench_data)
   startup      start-up peak RSS on 2 ranks (100m): full fp32 build vs sharded build      (bench_startup)
+  train_step   one step in one process: moe_dist (ZeRO-1/2/3, FSDP2) vs a bare loop; grouped vs loop vs
+               the seed's dispatch at 8 and 64 experts; --compile; aten ops, host syncs  (bench_train_step)
 
 Writes ``results.md`` (a dated header describing the machine, then every section's tables),
 ``results.json`` (the raw measurements) and the PNG plots into ``--out`` (default
@@ -48,6 +50,7 @@ SECTIONS = {
     "data_prep": "bench_data_prep",
     "data_startup": "bench_data_startup",
     "startup": "bench_startup",
+    "train_step": "bench_train_step",
 }
 
 

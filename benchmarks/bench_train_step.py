@@ -1,0 +1,114 @@
+"""Section train_step: tokens/s of one training step, moe_dist against a bare PyTorch loop, in one process.
+
+Every row is one ``benchmarks.train_step_worker`` process (world 1, one intra-op thread): it builds
+moe_dist's step from ``moe-train`` flags and a bare loop of the same model, and steps them in turn,
+the order rotating each round (see the worker's docstring). Ratios are per round, then median and
+range, so each compares contenders that ran seconds apart on the same machine.
+
+Tables:
+
+1. engine overhead: moe_dist under DeepSpeed ZeRO-1/2/3 and FSDP2 over the bare loop (AdamW in both,
+   so the maths is the same), at the ``100m`` preset;
+2. experts: the bare model with grouped experts against the loop kernel and against the seed
+   trainer's dispatch (a boolean mask and an ``.any()`` per expert), at 8 and 64 experts;
+3. compile: moe_dist (ZeRO-2) with ``--compile`` over the bare eager loop, beside eager moe_dist;
+
+plus aten ops and host syncs per step of every contender. The MoE layer against DeepSpeed's ``MoE``
+is section ``moe_layer`` (16K tokens in the full run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from .common import REPO_ROOT, Context, Section, fmt
+
+TITLE = "Training step: moe_dist vs a bare PyTorch loop (one process, stepped in turn)"
+DS = {"zero1": ["--deepspeed-config", str(REPO_ROOT / "launch_configs" / "cpu_zero2.json"), "--zero-stage", "1"],
+      "zero2": ["--deepspeed-config", str(REPO_ROOT / "launch_configs" / "cpu_zero2.json"), "--zero-stage", "2"],
+      "zero3": ["--deepspeed-config", str(REPO_ROOT / "launch_configs" / "cpu_zero2.json"), "--zero-stage", "3"],
+      "fsdp2": ["--engine", "fsdp2"]}
+
+
+def _worker(ctx: Context, name: str, flags: list[str], contenders: str, rounds: int, warmup: int,
+            dynamo: bool = False) -> dict[str, Any]:
+    out = ctx.scratch("train_step") / f"{name}.json"
+    cmd = [sys.executable, "-m", "benchmarks.train_step_worker", "--json", str(out), "--rounds", str(rounds),
+           "--warmup", str(warmup), "--contenders", contenders, "--",
+           *flags, "--set", "train.eval_every=0", "--output-dir", str(ctx.scratch("train_step", name))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="0" if dynamo else "1")
+    print(f"  {name}: {' '.join(flags)}", flush=True)
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"train_step worker {name} failed:\n" + "\n".join((res.stdout + res.stderr).splitlines()[-25:]))
+    return json.loads(out.read_text())
+
+
+def _ratio(r: dict[str, Any], n: str) -> str:
+    v = r["vs_bare"][n]
+    return f"{v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})"
+
+
+def run(ctx: Context) -> Section:
+    sec = Section(TITLE)
+    rounds, warmup = (3, 1) if ctx.quick else (7, 2)
+    size = ["--preset", "tiny"] if ctx.quick else ["--preset", "100m"]
+    batch = ["--global-batch-size", "4", "--set", "train.micro_batch_size=4"]
+    adamw = ["--set", "train.optimizer=adamw"]
+    res: dict[str, Any] = {}
+
+    rows = []
+    for eng, flags in DS.items():
+        r = res[f"engine-{eng}"] = _worker(ctx, f"engine-{eng}", [*size, *flags, *adamw, *batch], "moe,bare",
+                                           rounds, warmup)
+        rows.append([eng, fmt(r["tokens_per_s"]["moe"]), fmt(r["tokens_per_s"]["bare"]), _ratio(r, "moe"),
+                     f"{r['aten_ops']['moe']} / {r['aten_ops']['bare']}",
+                     f"{r['host_syncs']['moe']} / {r['host_syncs']['bare']}"])
+    sec.table(["engine", "moe_dist tokens/s", "bare tokens/s", "moe_dist / bare (median, range)",
+               "aten ops per step (moe_dist / bare)", "host syncs per step (moe_dist / bare)"], rows,
+              caption=f"{size[1]}, fp32 on 1 CPU process, AdamW in both, {batch[1]} sequences of "
+                      f"the preset's length per step, {rounds} rounds")
+
+    rows = []
+    for experts in (8, 64):
+        flags = [*size, *DS["zero2"], *adamw, *batch, "--set", f"model.num_experts={experts}"]
+        r = res[f"experts-{experts}"] = _worker(ctx, f"experts-{experts}", flags, "bare,bare_loop,bare_seed",
+                                                rounds, warmup)
+        t = r["tokens_per_s"]
+        rows.append([str(experts), fmt(t["bare"]), fmt(t["bare_loop"]), fmt(t["bare_seed"]),
+                     f"{1 / r['vs_bare']['bare_loop']['median']:.2f}x",
+                     f"{1 / r['vs_bare']['bare_seed']['median']:.2f}x",
+                     " / ".join(str(r["aten_ops"][n]) for n in ("bare", "bare_loop", "bare_seed")),
+                     " / ".join(str(r["host_syncs"][n]) for n in ("bare", "bare_loop", "bare_seed"))])
+    sec.table(["experts", "grouped tokens/s", "loop tokens/s", "seed dispatch tokens/s", "grouped / loop",
+               "grouped / seed", "aten ops (grouped / loop / seed)", "host syncs (grouped / loop / seed)"], rows,
+              caption="the bare model (no engine), top-2 routing; ratios of tokens/s, median over rounds")
+
+    flags = ["--preset", "tiny", *DS["zero2"], *adamw, *batch]
+    r = res["compile"] = _worker(ctx, "compile", [*flags, "--compile"], "moe,bare", rounds, warmup + 1, dynamo=True)
+    e = res["eager"] = _worker(ctx, "eager", flags, "moe,bare", rounds, warmup, dynamo=True)
+    sec.table(["moe_dist ZeRO-2", "tokens/s", "moe_dist / bare eager", "first steps (s)"],
+              [["--compile", fmt(r["tokens_per_s"]["moe"]), _ratio(r, "moe"), f"{r['first_s']['moe']:.1f}"],
+               ["eager", fmt(e["tokens_per_s"]["moe"]), _ratio(e, "moe"), f"{e['first_s']['moe']:.1f}"]],
+              caption="tiny preset, fp32 on CPU; 'first steps' is the warm-up rounds' time, compilation included")
+    sec.note("Host syncs are counted by moe_dist.host_syncs on the CPU, where every read of a tensor's value "
+             "counts, including torch.optim.AdamW's per-parameter read of its CPU step counter (not a device "
+             "sync on a GPU). Aten ops are every op dispatched in one step.")
+    sec.data = res
+    return sec
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
+    print(run(Context(quick=a.quick, out=out, work=out)))
