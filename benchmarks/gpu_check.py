@@ -80,11 +80,7 @@ class Checker:
 
     # ----------------------------------------------------------------- running things
     def _env(self, on_gpu: bool) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-        if not on_gpu:  # CPU processes on a GPU machine: hide the GPUs, DeepSpeed's CPU accelerator, gloo
-            env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-        return env
+        return launch_env(on_gpu)
 
     def train(self, out: Path, procs: int, *args: str, on_gpu: bool = True,
               config: str = "gpu.yaml") -> subprocess.CompletedProcess:
@@ -99,18 +95,7 @@ class Checker:
         return self._run([sys.executable, "-m", module, *args], self._env(on_gpu and not self.smoke))
 
     def _run(self, cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-        """Run one launch; a failed one prints the end of its output at once (a report line holds 6 lines)."""
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
-                                 timeout=self.timeout_s)
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            res = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {self.timeout_s:.0f} s")
-        if res.returncode:
-            lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()][-FAIL_LOG_LINES:]
-            print(f"--- exit {res.returncode}: {' '.join(cmd[-12:])}\n" + "\n".join(lines) + "\n---", flush=True)
-        return res
+        return run_logged(cmd, env, self.timeout_s)
 
     def record(self, case: Case, started: float) -> None:
         case.seconds = time.perf_counter() - started
@@ -252,6 +237,30 @@ class Checker:
             lines.append(f"| {c.name} | {mark} | {detail} | {c.seconds:.0f} |")
         lines += ["", "```json", json.dumps({c.name: c.figures for c in self.cases}, indent=1), "```", ""]
         path.write_text("\n".join(lines))
+
+
+def launch_env(on_gpu: bool) -> dict[str, str]:
+    """The environment of a launch: this checkout first on the path; off the GPU, CPU processes only."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    if not on_gpu:  # CPU processes on a GPU machine: hide the GPUs, DeepSpeed's CPU accelerator, gloo
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    return env
+
+
+def run_logged(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run one launch (exit 124 when it times out); a failed one prints the end of its output at once
+    (a report line holds 6 lines)."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        res = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {timeout_s:.0f} s")
+    if res.returncode:
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()][-FAIL_LOG_LINES:]
+        print(f"--- exit {res.returncode}: {' '.join(cmd[-12:])}\n" + "\n".join(lines) + "\n---", flush=True)
+    return res
 
 
 def _free_port() -> int:
