@@ -6,8 +6,8 @@ The flags build moe_dist's run exactly as ``moe_dist/train.py`` would on one pro
 stage, precision, kernel, compile), and its ``Trainer.train_step`` is contender ``moe``: the LR
 schedule, every micro-batch's forward/backward through the engine, the optimizer step, the metrics
 read-back. The other contenders share one bare copy of the same model (``model.build``, the same
-seed) and one ``torch.optim.AdamW`` (fused on CUDA, foreach elsewhere), and step the same
-micro-batches with plain PyTorch, no engine:
+seed) and one fused ``torch.optim.AdamW`` (clipping at ``train.grad_clip`` as moe_dist does), and step
+the same micro-batches with plain PyTorch, no engine:
 
 * ``bare``: the model as moe_dist computes it (grouped experts where they run);
 * ``bare_loop``: the experts' loop kernel (one matmul chain per expert);
@@ -102,8 +102,8 @@ def build(flags: list[str]) -> dict[str, Any]:
         from moe_dist.parallel.compile import compile_blocks
 
         compile_blocks(bare)
-    fused = {"fused": True} if rt.device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.AdamW(bare.parameters(), lr=cfg.train.adamw_lr, weight_decay=cfg.train.weight_decay, **fused)
+    # torch's fastest AdamW on both devices: fused (one kernel over every tensor).
+    opt = torch.optim.AdamW(bare.parameters(), lr=cfg.train.adamw_lr, weight_decay=cfg.train.weight_decay, fused=True)
     return {"cfg": cfg, "rt": rt, "data": data, "trainer": trainer, "bare": bare, "opt": opt, "bf16": bf16,
             "kernel": kernel, "sampler": GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size,
                                                            cfg.train.seed + 1)}
@@ -113,6 +113,7 @@ def contenders(b: dict[str, Any], names: list[str]) -> dict[str, Callable[[], No
     cfg, rt, bare, opt = b["cfg"], b["rt"], b["bare"], b["opt"]
     layers = list(bare.moe_layers())
     local, seed = layers[0].dispatcher, SeedDispatcher(cfg.model.num_experts)
+    clip, params = cfg.train.clip_norm(), [p for p in bare.parameters() if p.requires_grad]
 
     def bare_step(kernel: str, dispatcher: Any) -> Callable[[], None]:
         def step() -> None:
@@ -125,6 +126,8 @@ def contenders(b: dict[str, Any], names: list[str]) -> dict[str, Callable[[], No
                     logits, aux = bare(block[:, :-1])
                 ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
                 ((ce + aux) / rt.layout.grad_accum).backward()
+            if clip > 0:  # the same maths as moe_dist's step: clipped at the same global norm
+                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step

@@ -59,3 +59,44 @@ def test_sharded_muon_on_one_rank_is_the_dense_step():
         torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], m)
     assert set(opt.state[p]) == {"momentum_buffer"}  # DeepSpeed's key, no step: a resume finds the same state
+
+
+def test_stacked_experts_step_as_one_2d_matrix_each():
+    """A stacked expert tensor (E, F, D) steps as E separate 2-D matrices, momentum included: the
+    same numbers as E Muon parameters of shape (F, D) (ShardedMuon on one rank)."""
+    torch.manual_seed(0)
+    E, F, D = 3, 12, 5
+    stacked = torch.nn.Parameter(torch.randn(E, F, D, device="cpu"))
+    single = [torch.nn.Parameter(stacked.detach()[e].clone()) for e in range(E)]
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.5}
+    a = ShardedMuon([{"params": [stacked], "use_muon": True}], **kw)
+    b = ShardedMuon([{"params": single, "use_muon": True}], **kw)
+    for _ in range(2):
+        grad = torch.randn(E, F, D, device="cpu")
+        stacked.grad = grad.clone()
+        for e, p in enumerate(single):
+            p.grad = grad[e].clone()
+        a.step()
+        b.step()
+    for e, p in enumerate(single):
+        torch.testing.assert_close(stacked.detach()[e], p.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(a.state[stacked]["momentum_buffer"][e], b.state[p]["momentum_buffer"],
+                                   rtol=0, atol=0)
+
+
+def test_deepspeed_muon_update_of_an_expert_group_is_per_expert():
+    """DeepSpeed's muon_update with ``is_expert_group`` (what tag_parameters sets on stacked experts)
+    equals its 2-D update of each expert, and so does the momentum it leaves."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    muon_update = pytest.importorskip("deepspeed.runtime.zero.muon.original_muon").muon_update
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.randn(4, 48, 16, generator=gen, device="cpu")
+    m = torch.randn(4, 48, 16, generator=gen, device="cpu")
+    with torch._dynamo.config.patch(disable=True):
+        m_stacked = m.clone()
+        got = muon_update(g.clone(), m_stacked, beta=0.95, is_expert_group=True).float()
+        for e in range(4):
+            m_e = m[e].clone()
+            want = muon_update(g[e].clone(), m_e, beta=0.95).float()
+            torch.testing.assert_close(got[e], want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(m_stacked[e], m_e, rtol=0, atol=0)

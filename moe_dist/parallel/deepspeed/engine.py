@@ -7,8 +7,29 @@ from typing import Any, Optional
 import torch
 
 from ...checkpoint.fragment import Fragment
+from ...run.optim import adamw_kernel
 from ..engine import per_expert_fragments, per_expert_tensors
 from . import fragments
+
+
+def prefer_fused_adamw(ds: Any) -> bool:
+    """Run the torch AdamW that DeepSpeed builds for ``torch_adam`` (our CPU runs) fused.
+
+    DeepSpeed passes only ``foreach`` to it, so on the CPU it would take torch's single-tensor path
+    over ZeRO's flat partitions (see :func:`moe_dist.run.optim.adamw_kernel` for the cost). torch's
+    AdamW reads ``fused`` from each group at every step, so setting it on the groups is enough; the
+    state it creates (fp32 moments, a float32 ``step`` on the host) is the same. Returns whether it
+    changed anything."""
+    basic = getattr(ds.optimizer, "optimizer", None)
+    if type(basic) not in (torch.optim.AdamW, torch.optim.Adam):
+        return False  # DeepSpeed's FusedAdam / CPUAdam / Muon: already one kernel, or not ours to change
+    params = [p for g in basic.param_groups for p in g["params"]]
+    if not params or any(p.device.type != "cpu" for p in params):
+        return False
+    kernel = adamw_kernel(params[0].device)
+    for g in basic.param_groups:
+        g.update(foreach=False, **kernel)
+    return bool(kernel.get("fused"))
 
 
 class DeepSpeedTrainEngine:
@@ -17,6 +38,7 @@ class DeepSpeedTrainEngine:
     def __init__(self, ds: Any) -> None:
         fragments.zero_stage(ds)  # refuse an optimizer the checkpoint cannot read, now rather than at a save
         self.ds = ds
+        self.fused_adamw = prefer_fused_adamw(ds)
         self.module = ds.module
         self.device = ds.device
 

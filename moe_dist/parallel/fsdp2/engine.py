@@ -64,20 +64,26 @@ class Fsdp2TrainEngine:
 
     @torch.no_grad()
     def _clip(self) -> float:
+        """The global gradient norm (one all-reduce, one read-back), and the clip applied on the device.
+
+        ``foreach`` kernels over every local gradient, not a Python loop per parameter; the clip factor
+        ``min(1, clip / (norm + 1e-6))`` stays a device tensor, so only the logged norm crosses to the host."""
         grads = [_local(p.grad) for p in self._params if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in grads:
-            sq += g.float().pow(2).sum().to(self.device)
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32) if grads else []
+        sq = torch.stack(norms).square().sum().to(self.device) if norms else \
+            torch.zeros((), dtype=torch.float32, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(sq)
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         clip = self.settings.grad_clip
-        if clip > 0:
-            coef = clip / (norm + 1e-6)
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return norm
+        if clip > 0 and grads:
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for g in grads:
+                by_dtype.setdefault(g.dtype, []).append(g)
+            for dtype, gs in by_dtype.items():
+                torch._foreach_mul_(gs, coef.to(device=gs[0].device, dtype=dtype))
+        return float(norm)
 
     def step(self) -> None:
         if self._micro < self.grad_accum:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import TrainConfig
-from ...run.optim import param_groups, tag_parameters
+from ...run.optim import adamw_kernel, param_groups, tag_parameters
 from .muon import ShardedMuon
 
 ADAM_EPS = 1e-8  # what the DeepSpeed runs use (parallel/deepspeed/config.py)
@@ -26,7 +26,8 @@ ADAM_EPS = 1e-8  # what the DeepSpeed runs use (parallel/deepspeed/config.py)
 def build_optimizers(model: nn.Module, kind: str, t: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     tag_parameters(model)
     groups = param_groups(model, t.weight_decay)
-    adam_kw = {"lr": t.adamw_lr, "betas": tuple(t.adam_betas), "eps": ADAM_EPS, "weight_decay": t.weight_decay}
+    adam_kw = {"lr": t.adamw_lr, "betas": tuple(t.adam_betas), "eps": ADAM_EPS, "weight_decay": t.weight_decay,
+               **adamw_kernel(device)}
     if kind == "adamw":
         return [torch.optim.AdamW(groups, **adam_kw)]
     muon_groups: list[dict[str, Any]] = []
