@@ -62,24 +62,33 @@ def run(ctx: Context) -> Section:
     res: dict[str, Any] = {}
 
     rows = []
-    for eng, flags in DS.items():
-        r = res[f"engine-{eng}"] = _worker(ctx, f"engine-{eng}", [*size, *flags, *adamw, *batch], "moe,bare",
-                                           rounds, warmup)
-        rows.append([eng, fmt(r["tokens_per_s"]["moe"]), fmt(r["tokens_per_s"]["bare"]), _ratio(r, "moe"),
+    big = ["--global-batch-size", "16", "--set", "train.micro_batch_size=16"]
+    cases = [(eng, flags, batch) for eng, flags in DS.items()] + [(eng, DS[eng], big) for eng in ("zero2", "fsdp2")]
+    for eng, flags, b in cases:
+        name = f"engine-{eng}-mb{b[1]}"
+        r = res[name] = _worker(ctx, name, [*size, *flags, *adamw, *b], "moe,bare", rounds, warmup)
+        rows.append([eng, b[1], fmt(r["tokens_per_s"]["moe"]), fmt(r["tokens_per_s"]["bare"]), _ratio(r, "moe"),
                      f"{r['aten_ops']['moe']} / {r['aten_ops']['bare']}",
                      f"{r['host_syncs']['moe']} / {r['host_syncs']['bare']}"])
-    sec.table(["engine", "moe_dist tokens/s", "bare tokens/s", "moe_dist / bare (median, range)",
+    sec.table(["engine", "sequences per step", "moe_dist tokens/s", "bare tokens/s", "moe_dist / bare (median, range)",
                "aten ops per step (moe_dist / bare)", "host syncs per step (moe_dist / bare)"], rows,
-              caption=f"{size[1]}, fp32 on 1 CPU process, AdamW in both, {batch[1]} sequences of "
-                      f"the preset's length per step, {rounds} rounds")
+              caption=f"{size[1]}, fp32 on 1 CPU process, fused AdamW clipped at 1.0 in both, one micro-batch of "
+                      f"the preset's sequence length per step, {rounds} rounds")
 
     rows = []
+    from moe_dist.config import get_preset
+
+    base = get_preset(size[1]).model
     for experts in (8, 64):
-        flags = [*size, *DS["zero2"], *adamw, *batch, "--set", f"model.num_experts={experts}"]
+        # Finer experts at the same expert parameter count (E x d_ff fixed), as DeepSeek-style models do:
+        # 64 experts of the preset's full width would not fit beside the engine's copies in 24 GB.
+        d_ff = base.d_ff * base.num_experts // experts
+        flags = [*size, *DS["zero2"], *adamw, *batch, "--set", f"model.num_experts={experts}",
+                 "--set", f"model.d_ff={d_ff}"]
         r = res[f"experts-{experts}"] = _worker(ctx, f"experts-{experts}", flags, "bare,bare_loop,bare_seed",
                                                 rounds, warmup)
         t = r["tokens_per_s"]
-        rows.append([str(experts), fmt(t["bare"]), fmt(t["bare_loop"]), fmt(t["bare_seed"]),
+        rows.append([f"{experts} x d_ff {d_ff}", fmt(t["bare"]), fmt(t["bare_loop"]), fmt(t["bare_seed"]),
                      f"{1 / r['vs_bare']['bare_loop']['median']:.2f}x",
                      f"{1 / r['vs_bare']['bare_seed']['median']:.2f}x",
                      " / ".join(str(r["aten_ops"][n]) for n in ("bare", "bare_loop", "bare_seed")),

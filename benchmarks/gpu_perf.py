@@ -222,7 +222,7 @@ def table_rows(outcomes: list[Outcome], per_token: int, peak: Optional[float], s
             vs = ("1 (baseline)" if name == "bare" else
                   f"{ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]" if ratio else "n/a")
             u = "n/a (CPU)" if smoke else ("n/a" if peak is None else _pct(mfu(tps, per_token, peak)))
-            mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "n/a"
+            mem = f"{r['peak_mem_gib'][name]:.1f}" if name in r.get("peak_mem_gib", {}) else "n/a"
             rows.append([o.case.name, o.case.engine, name, "loop" if name == "bare_loop" else r["kernel"],
                          str(o.micro_batch), f"{tps:,.0f}", u, vs, f"{r['first_s'][name]:.2f}", mem])
     return rows

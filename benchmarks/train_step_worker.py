@@ -144,14 +144,19 @@ def measure(b: dict[str, Any], fns: dict[str, Callable[[], None]], rounds: int, 
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {n: 0.0 for n in names}
+    peak: dict[str, int] = {n: 0 for n in names}
     for r in range(warmup + rounds):
         shift = r % len(names)
         for n in names[shift:] + names[:shift]:
             _sync(device)
+            if device.type == "cuda":  # each contender's own peak: the other's live state is not reset
+                torch.cuda.reset_peak_memory_stats(device)
             t = time.perf_counter()
             fns[n]()
             _sync(device)
             dt = time.perf_counter() - t
+            if device.type == "cuda":
+                peak[n] = max(peak[n], torch.cuda.max_memory_allocated(device))
             if r < warmup:
                 first[n] += dt
             else:
@@ -168,7 +173,9 @@ def measure(b: dict[str, Any], fns: dict[str, Callable[[], None]], rounds: int, 
            "vs_bare": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in ratios.items()},
            "kernel": b["kernel"], "device": str(device)}
     if device.type == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # Per contender, while every contender's parameters and optimizer states are resident: an
+        # upper bound on what that contender alone would take.
+        out["peak_mem_gib"] = {n: v / 2**30 for n, v in peak.items()}
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from moe_dist.config import ModelConfig, TrainConfig
 from moe_dist import model as lm
@@ -51,3 +52,34 @@ def test_uses_muon_matches_deepspeed_rule():
     assert uses_muon("layers.0.attn.wq.weight", torch.zeros(2, 2))
     assert not uses_muon("embed.weight", torch.zeros(2, 2))
     assert not uses_muon("layers.0.attn_norm.weight", torch.zeros(2))
+
+
+def test_deepspeed_torch_adamw_runs_fused_on_cpu():
+    """DeepSpeed builds torch's AdamW for our CPU runs with ``foreach`` only; the engine switches its groups
+    to the fused kernel, which takes the same step (to fp32 rounding) in one pass instead of five temporaries."""
+    from types import SimpleNamespace
+
+    from moe_dist.parallel.deepspeed.engine import prefer_fused_adamw
+
+    torch.manual_seed(0)
+    flat = [torch.nn.Parameter(torch.randn(1000, device="cpu")) for _ in range(2)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in flat]
+    fused = torch.optim.AdamW([flat[0], flat[1]], lr=1e-2, weight_decay=0.1, foreach=None)
+    plain = torch.optim.AdamW([ref[0], ref[1]], lr=1e-2, weight_decay=0.1, foreach=False)
+    assert prefer_fused_adamw(SimpleNamespace(optimizer=SimpleNamespace(optimizer=fused)))
+    assert all(g["fused"] and not g["foreach"] for g in fused.param_groups)
+    for _ in range(3):
+        g = [torch.randn(1000, device="cpu") for _ in range(2)]
+        for p, q, gi in zip(flat, ref, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(flat, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert set(fused.state[flat[0]]) == set(plain.state[ref[0]])  # the same state keys: checkpoints unchanged
+
+    class OtherOptimizer(torch.optim.SGD):  # DeepSpeed's FusedAdam / CPUAdam / Muon are left alone
+        pass
+
+    other = OtherOptimizer([torch.nn.Parameter(torch.zeros(3, device="cpu"))], lr=0.1)
+    assert not prefer_fused_adamw(SimpleNamespace(optimizer=SimpleNamespace(optimizer=other)))
