@@ -95,7 +95,14 @@ def _grouped_mm(x_AD: torch.Tensor, w_EFD: torch.Tensor, offs_E: torch.Tensor) -
     """Rows of group e times ``w_EFD[e].T``: one grouped GEMM (rows past ``offs_E[-1]`` are not read).
 
     Under ``torch.compile`` only bf16 is traced: the compiler's shape function of ``_grouped_mm``
-    accepts bf16 alone (torch 2.13), so other dtypes run it eagerly, one graph break each."""
+    accepts bf16 alone (torch 2.13), so other dtypes run it eagerly, one graph break each.
+
+    Autocast has no rule for ``_grouped_mm`` (it would run in fp32 where the loop's matmuls run in the
+    autocast dtype), so under autocast both operands are cast here, as autocast casts a matmul's."""
+    device_type = x_AD.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        x_AD, w_EFD = x_AD.to(low), w_EFD.to(low)
     if x_AD.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
         return torch._grouped_mm(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)
     return _eager_grouped_mm()(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)

@@ -113,7 +113,8 @@ def flatten_assignments(topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, num_
 def combine(y_AD: torch.Tensor, a: Assignments, like_TD: torch.Tensor) -> torch.Tensor:
     """Scale each row by its routing weight and sum the rows of each token: (T, D)."""
     y_AD = y_AD * a.weight_A.unsqueeze(1).to(y_AD.dtype)
-    return torch.zeros_like(like_TD).index_add_(0, a.token_A, y_AD)
+    # In the experts' dtype: under autocast that is the autocast dtype, not the fp32 of the input.
+    return torch.zeros(like_TD.shape, dtype=y_AD.dtype, device=like_TD.device).index_add_(0, a.token_A, y_AD)
 
 
 class LocalDispatcher:
