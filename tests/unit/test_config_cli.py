@@ -85,6 +85,15 @@ def test_ds_config_resolves_everything():
                         read_launch_json(None), 1, False)
 
 
+@pytest.mark.parametrize("world, stage, op", [(1, 1, "sum"), (1, 2, "sum"), (1, 3, None), (2, 2, None)])
+def test_one_rank_reduces_by_sum(world, stage, op):
+    """On one rank ZeRO-1/2 would divide every gradient by 1.0 (a pass over all of them); 'sum' is the
+    same numbers. Never on more ranks, and never under ZeRO-3 (DeepSpeed refuses it there)."""
+    cfg = apply_overrides(get_preset("tiny"), {"parallel.zero_stage": stage})
+    ds = build_ds_config(cfg, read_launch_json(None), world_size=world, on_gpu=False)
+    assert ds.get("gradient_allreduce_op") == op
+
+
 def test_help_config_shows_the_chosen_preset(capsys):
     from moe_dist.train import run
 

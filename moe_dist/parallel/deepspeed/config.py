@@ -71,6 +71,11 @@ def build_ds_config(cfg: RunConfig, base: dict[str, Any], world_size: int, on_gp
     if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
         raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, found stage {stage}; use --zero-stage 3")
 
+    if world_size == 1 and stage < 3:
+        # One rank: the mean over one rank is the identity, yet ZeRO-1/2 still divide the flat gradients
+        # by 1.0 at every reduction (a full pass over them; DeepSpeed refuses 'sum' under ZeRO-3). A sum
+        # over one rank gives the same numbers without that pass.
+        ds.setdefault("gradient_allreduce_op", "sum")
     precision = cfg.parallel.resolved_precision(on_gpu)
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": False}
