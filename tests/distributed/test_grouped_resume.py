@@ -54,3 +54,19 @@ def test_loop_layout_checkpoint_resumes_under_ep2(tmp_path):
         assert rows[s]["tokens"] == want[s]["tokens"]
         assert abs(rows[s]["loss"] - want[s]["loss"]) <= RESHARD_REL * abs(want[s]["loss"]), \
             f"step {s}: {rows[s]['loss']} vs {want[s]['loss']}"
+
+
+@pytest.mark.parametrize("world, args", [(2, ("--engine", "fsdp2")), (1, ("--zero-stage", "3"))],
+                         ids=["fsdp2-dp2", "zero3"])
+def test_loop_layout_checkpoint_resumes_under_other_engines(tmp_path, world, args):
+    """The same pre-stacking checkpoint continues under FSDP2 (its own Muon, fp32 Newton-Schulz) and
+    ZeRO-3 (DeepSpeed's Muon without reduce-scatter), within the cross-engine bound of
+    ``test_fsdp2_resume.py``."""
+    from .test_fsdp2_resume import CHAIN_REL
+
+    rows, want = _resume(tmp_path / "r", world, *args), _recorded()
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    for s in range(STEP + 1, STEPS + 1):
+        assert rows[s]["tokens"] == want[s]["tokens"]
+        assert abs(rows[s]["loss"] - want[s]["loss"]) <= CHAIN_REL * abs(want[s]["loss"]), \
+            f"step {s}: {rows[s]['loss']} vs {want[s]['loss']}"
