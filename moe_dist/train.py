@@ -102,6 +102,11 @@ def run(argv: Optional[list[str]] = None) -> int:
               f"active per token {active:,} ({_short(active)})")
         return 0
 
+    from moe_dist.run.threads import set_plain_run_threads
+
+    threads = set_plain_run_threads()  # a plain one-process run: before torch is imported
+    if threads:
+        print(threads, flush=True)
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data import DataError
     from moe_dist.parallel.runtime import shutdown

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ..cli_args import Parser
 from . import layout
 from .errors import CheckpointError
 
@@ -129,7 +130,7 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-ckpt", description="Inspect and verify moe_dist checkpoints (offline, no GPU or process group).",
         epilog="PATH: a checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its latest checkpoint). "
                "Exit codes: 0 ok, 1 checkpoint incomplete/corrupt, 2 PATH is not a checkpoint.")

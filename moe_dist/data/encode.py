@@ -39,7 +39,7 @@ def _texts_of(values: list, field: str, where: str, first_row: int) -> list[str]
         if v is None or v == "":
             continue
         if not isinstance(v, str):
-            raise DataError(f"{where}: row {first_row + i} of field {field!r} is {type(v).__name__}, not text; "
+            raise DataError(f"{where}: row {first_row + i + 1} of field {field!r} is {type(v).__name__}, not text; "
                             "set data.text_field to a column of strings")
         out.append(v)
     return out

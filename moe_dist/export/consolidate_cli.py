@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
+from ..cli_args import Parser
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.reader import Advance
 from .consolidate import DEFAULT_MAX_SHARD, DTYPES, consolidate
@@ -17,7 +18,7 @@ from .errors import ConsolidateError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-consolidate",
         description="Turn a moe_dist DCP checkpoint into one .pt file, a safetensors export or a Hugging Face "
                     "(transformers MixtralForCausalLM) folder, offline on CPU "

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..cli_args import Parser
 from ..checkpoint import layout
 from ..checkpoint.errors import CheckpointError
 from ..config import RunConfig
@@ -232,7 +233,7 @@ def generate(model: nn.Module, prompt: list[int], max_new_tokens: int = 64, temp
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-generate", description="Sample text from a moe_dist checkpoint (DCP folder, "
+    p = Parser(prog="moe-generate", description="Sample text from a moe_dist checkpoint (DCP folder, "
                                 "checkpoint_latest, consolidated .pt or safetensors export) with its own tokenizer.")
     p.add_argument("checkpoint", help="checkpoint folder, checkpoint_latest, run folder, .pt or safetensors export")
     p.add_argument("--prompt", default="", help="text to continue (empty: start after a document separator)")
