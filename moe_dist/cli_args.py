@@ -85,4 +85,4 @@ def field_hint(key: str, known: Iterable[str]) -> str:
     if bare in by_name:
         return f"; did you mean {by_name[bare]}?"
     near = closest(bare, by_name)
-    return f"; did you mean {by_name[near[0]]}?" if near else did_you_mean(key, known)
+    return f"; did you mean {by_name[near[0]]}?" if near else ""
