@@ -40,7 +40,7 @@ from ..checkpoint import layout
 from ..checkpoint.errors import CheckpointError
 from ..config import RunConfig
 from ..checkpoint.keys import model_key, param_name
-from ..checkpoint.reader import Checkpoint, run_config
+from ..checkpoint.train_state import run_config
 from .hf import is_hf_export
 from .safetensors_writer import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
 
@@ -112,6 +112,8 @@ def checkpoint_info(path: str | Path, verify: bool = True) -> CheckpointInfo:
     exported = (p / SAFETENSORS_SINGLE).is_file() or (p / SAFETENSORS_INDEX).is_file()
     if exported and not (p / layout.DCP_METADATA).exists():
         return _safetensors_info(p)
+    from ..checkpoint.reader import Checkpoint  # DCP: imported only for a DCP checkpoint
+
     ckpt = Checkpoint(p, verify=verify)
     state = ckpt.state
     return CheckpointInfo("dcp", ckpt.folder, ckpt.step, state["config"], state.get("metrics") or {},
@@ -146,7 +148,7 @@ def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str,
 def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     entries = _stored_entries(model)
     if info.kind == "dcp":
-        ckpt: Checkpoint = info.source
+        ckpt = info.source  # a checkpoint.reader.Checkpoint
         found = {param_name(k): tuple(md.size) for k, md in ckpt.metadata.items() if param_name(k) is not None}
         _check_match(info.path, model.state_dict(keep_vars=True), found)  # every name, a tied head too
         # DCP copies the chunks straight into the parameters: no second copy of the model.
