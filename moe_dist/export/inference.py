@@ -225,7 +225,30 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the whole context for every token instead of using the KV cache (the reference; slow)")
     p.add_argument("--no-stream", action="store_true", help="print the text once at the end, not as it is sampled")
+    p.add_argument("--set", metavar="model.max_seq_len=N", action="append", default=[],
+                   help="a longer context than the checkpoint's (rotary positions need no weights); the only field "
+                   "generation may change")
     return p
+
+
+def _with_longer_context(config: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    from ..config import ConfigError, parse_set_args
+
+    try:
+        over = parse_set_args(items)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    other = [k for k in over if k != "model.max_seq_len"]
+    if other:
+        raise CheckpointError(f"--set {other[0]}: generation can only change model.max_seq_len (the other fields "
+                              "are the checkpoint's architecture)")
+    if not over:
+        return config
+    try:
+        n = int(over["model.max_seq_len"])
+    except ValueError:
+        raise CheckpointError(f"--set model.max_seq_len={over['model.max_seq_len']}: expected a whole number") from None
+    return {**config, "model": {**config["model"], "max_seq_len": n}}
 
 
 class _Stream:
@@ -264,6 +287,7 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         info = checkpoint_info(a.checkpoint)
+        info.config = _with_longer_context(info.config, a.set)
         model, cfg = _build(info, a.device)
         strict_device_from_env()  # tests: generation names every device (see moe_dist.debug)
         if a.tokenizer:

@@ -106,3 +106,12 @@ def test_loading_an_export_imports_no_dcp_deepspeed_or_accelerate(tmp_path):
                               env=dict(os.environ, PYTHONPATH=os.getcwd()))
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip() == "7 []", (path, proc.stdout)
+
+
+def test_generate_may_only_lengthen_the_context(tmp_path, capsys):
+    _, folder = make_checkpoint(tmp_path, TINY)
+    argv = [str(folder), "--max-new-tokens", "40", "--temperature", "0", "--ignore-eos", "--no-stream"]
+    assert generate_main([*argv, "--set", "model.max_seq_len=64"]) == 0
+    assert "40 new tokens" in capsys.readouterr().err
+    assert generate_main([*argv, "--set", "model.d_model=64"]) == 2
+    assert "generation can only change model.max_seq_len" in capsys.readouterr().err
