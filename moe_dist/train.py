@@ -105,7 +105,10 @@ def run(argv: Optional[list[str]] = None) -> int:
               f"active per token {active:,} ({_short(active)})")
         return 0
 
+    from moe_dist.run.quiet import quiet_console
     from moe_dist.run.threads import set_plain_run_threads
+
+    quiet_console(args.verbose)  # before DeepSpeed and Accelerate are imported
 
     threads = set_plain_run_threads()  # a plain one-process run: before torch is imported
     if threads:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="Start a new run in an --output-dir that holds one: move the old run to "
                         "<output-dir>.old-<time> first (nothing is deleted). Without it that start is refused.")
+    p.add_argument("--verbose", action="store_true",
+                   help="Also show the third-party lines a quiet console drops (DeepSpeed's per-rank op notes, ...).")
     p.add_argument("--print-params", action="store_true",
                    help="Print total and active-per-token parameters of the config and exit.")
     p.add_argument("--help-config", action="store_true",

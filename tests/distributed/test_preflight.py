@@ -95,3 +95,17 @@ def test_every_bad_start_is_near_the_launch_floor(tmp_path):
     print(json.dumps(report), file=sys.stderr)
     slow = {k: round(v / base, 2) for k, v in times.items() if v > TIME_FACTOR * base}
     assert not slow, (slow, report)
+
+
+def test_a_two_process_run_prints_no_third_party_line_of_ours(tmp_path):
+    """DeepSpeed's per-rank op note is dropped (run/quiet.py); --verbose shows it again. What the
+    launcher prints before our code runs is out of reach (README, Quiet console)."""
+    from .trainrun import CPU_JSON, FAST
+
+    args = [TRAIN, "--deepspeed-config", CPU_JSON, *FAST, "--max-steps", "1"]
+    proc, _ = _launch(*args, "--output-dir", str(tmp_path / "quiet"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "built successfully" not in text and "Traceback" not in text, text[-3000:]
+    proc, _ = _launch(*args, "--output-dir", str(tmp_path / "verbose"), "--verbose")
+    assert proc.returncode == 0 and "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr
