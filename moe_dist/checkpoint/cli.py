@@ -52,6 +52,7 @@ def _model_config(folder: Path, state: dict[str, Any]):  # noqa: ANN202 - ModelC
 
 
 def _files(folder: Path) -> list[Path]:
+    """The files of a checkpoint folder, manifest.json included: the one count info and verify print."""
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
@@ -121,11 +122,11 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata (only possible with --no-checksums)
         raise CheckpointError(f"{folder / layout.DCP_METADATA}: unreadable DCP metadata "
                               f"({e.__class__.__name__}: {e})") from None
-    listed = manifest["files"]
-    size = sum(m["size"] for m in listed.values())
+    files = _files(folder)  # what info counts: the listed files and manifest.json
+    size = sum(p.stat().st_size for p in files)
     what = f"sizes and checksums ({HASH_NAME})" if checksums else "sizes (checksums skipped)"
-    return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what} match the "
-            f"manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
+    return (f"OK {folder}: step {state.get('step')}, {len(files)} files, {human_bytes(size)} (as moe-ckpt info counts "
+            f"them, manifest.json included); {what} match the manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
 
 
 # ----------------------------------------------------------------------------- command line
