@@ -19,6 +19,7 @@ read, the tokenizer as it is loaded); this one only makes the common mistakes co
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ def check_output_dir(output_dir: str) -> None:
     if p.exists() and not p.is_dir():
         raise ConfigError(f"checkpoint.output_dir {output_dir}: is a file, not a folder; pass a folder to --output-dir")
     where = _nearest_existing(p.absolute())
+    reason = None
     if not where.is_dir():
-        raise ConfigError(f"checkpoint.output_dir {output_dir}: {where} is a file, so the folder cannot be made; "
-                          "pass another --output-dir")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise ConfigError(f"checkpoint.output_dir {output_dir}: cannot write in {where} (permission denied); "
+        reason = os.strerror(errno.ENOTDIR)
+    elif not os.access(where, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    if reason:
+        raise ConfigError(f"checkpoint.output_dir {output_dir}: cannot write there ({reason}); "
                           "pass a writable --output-dir")
 
 
