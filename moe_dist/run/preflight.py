@@ -94,10 +94,9 @@ def check_checkpoint_paths(cfg: RunConfig) -> None:
     """``--resume PATH`` (sizes, JSON, architecture: no checksums) and ``--init-from`` (its header)."""
     from ..checkpoint.resume import preflight_resume
 
-    resume = cfg.checkpoint.resume
-    preflight_resume(cfg)  # --resume PATH: its errors name the path and what to pass instead
+    resumed = preflight_resume(cfg)  # --resume PATH: its errors name the path and what to pass instead
     init_from = cfg.checkpoint.init_from
-    if init_from and resume != "auto":  # with auto, a restart resumes its own checkpoint when there is one
+    if init_from and resumed is None:  # a checkpoint to resume wins over --init-from (as in train.py)
         if not os.path.exists(init_from):
             raise ConfigError(f"--init-from {init_from}: no such file or folder; pass a checkpoint folder, a "
                               "moe-consolidate .pt / safetensors export or a --format hf folder")
