@@ -115,7 +115,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         print(threads, flush=True)
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data.errors import DataError
-    from moe_dist.run.preflight import preflight
+    from moe_dist.run.preflight import preflight, remove_if_left_empty
 
     try:  # every mistake of the command line or its files, before anything is started or created
         preflight(cfg, args)
@@ -124,12 +124,15 @@ def run(argv: Optional[list[str]] = None) -> int:
     from moe_dist.parallel.runtime import shutdown
     from moe_dist.run.lock import RunFolderBusy
 
+    fresh = not os.path.exists(cfg.checkpoint.output_dir)
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
             return _train(cfg, args, held)
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
+        remove_if_left_empty(cfg.checkpoint.output_dir, fresh)  # a refused start leaves no empty run folder
         return _fail(str(e))
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
+        remove_if_left_empty(cfg.checkpoint.output_dir, fresh)
         where = f": {e.filename}" if e.filename else ""
         return _fail(f"{e.strerror or e}{where}", every_rank=True)
     finally:

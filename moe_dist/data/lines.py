@@ -54,6 +54,15 @@ def _is_json_lines(path: Path) -> bool:
         return False
 
 
+def first_bad_file_line(paths: list[str], text_field: str = "text") -> Optional[str]:
+    """'data file X: line N: cause' for the first bad line of any of ``paths``, or None."""
+    for path in paths:
+        found = bad_line(path, text_field)
+        if found:
+            return f"data file {path}: {found}"
+    return None
+
+
 def bad_line(path: str, text_field: str = "text", limit: Optional[int] = None) -> Optional[str]:
     """'line N: cause' for the first bad line of a .txt/.json/.jsonl file (only the first ``limit`` lines
     when given), 'not a parquet file ...' for a parquet file without its magic bytes, or None."""

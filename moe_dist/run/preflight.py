@@ -120,3 +120,21 @@ def preflight(cfg: RunConfig, args: Any) -> None:  # noqa: ANN401 - the parsed c
     check_checkpoint_paths(cfg)
     check_data_files(cfg)
     check_tokenizer_and_store(cfg)
+
+
+def remove_if_left_empty(output_dir: str, fresh: bool) -> None:
+    """After a start refused past these checks (a bad line deep in a data file): remove the run folder
+    this start made, when it holds nothing but a lock or write probe. Rank 0 only; never raises."""
+    from .folder import NOT_A_RUN, NOT_A_RUN_PREFIXES
+
+    if not fresh or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        names = os.listdir(output_dir)
+        if all(n in NOT_A_RUN or n.startswith(NOT_A_RUN_PREFIXES) for n in names):
+            for n in names:
+                os.remove(os.path.join(output_dir, n))
+            os.rmdir(output_dir)
+    except OSError:  # gone already, or another rank's file appeared: leave it
+        pass
+

@@ -109,3 +109,19 @@ def test_a_two_process_run_prints_no_third_party_line_of_ours(tmp_path):
     assert "built successfully" not in text and "Traceback" not in text, text[-3000:]
     proc, _ = _launch(*args, "--output-dir", str(tmp_path / "verbose"), "--verbose")
     assert proc.returncode == 0 and "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr
+
+
+def test_a_bad_line_past_the_first_lines_names_its_line_and_leaves_no_folder(tmp_path):
+    """Line 151 is past what the pre-flight reads: the store preparation finds it, says which line, and
+    the run folder it had made is removed again."""
+    data = tmp_path / "late.jsonl"
+    data.write_bytes(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(150))
+                     + b'{"text": "\xff"}\n')
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, TRAIN, "--preset", "tiny", "--max-steps", "1", "--data-files", str(data),
+                           "--store-dir", str(tmp_path / "stores"), "--output-dir", str(out)],
+                          cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: data file {data}: line 151: not UTF-8 text (byte 0xff "
+                                                    "at column 11); save the file as UTF-8")
+    assert not out.exists()

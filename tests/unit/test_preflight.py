@@ -61,3 +61,20 @@ def test_output_dir_below_a_file(tmp_path):
 def test_a_good_start_passes(tmp_path):
     _check(tmp_path)
     preflight(parse(["--output-dir", str(tmp_path / "r")])[1], Namespace())
+
+
+def test_an_empty_run_folder_of_a_refused_start_is_removed(tmp_path, monkeypatch):
+    from moe_dist.run.preflight import remove_if_left_empty
+
+    monkeypatch.setenv("RANK", "0")
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / ".lock").write_text("")
+    remove_if_left_empty(str(made), fresh=True)
+    assert not made.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    remove_if_left_empty(str(kept), fresh=False)  # it was there before this start
+    (kept / "metrics.jsonl").write_text("{}\n")
+    remove_if_left_empty(str(kept), fresh=True)  # it holds something
+    assert kept.exists()
