@@ -110,9 +110,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
     quiet_console(args.verbose)  # before DeepSpeed and Accelerate are imported
 
-    threads = set_plain_run_threads()  # a plain one-process run: before torch is imported
-    if threads:
-        print(threads, flush=True)
+    threads = set_plain_run_threads()  # a plain one-process run: before torch is imported; said once it starts
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data.errors import DataError
     from moe_dist.run.preflight import preflight, remove_if_left_empty
@@ -121,6 +119,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         preflight(cfg, args)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
+    if threads:
+        print(threads, flush=True)
     from moe_dist.parallel.runtime import shutdown
     from moe_dist.run.lock import RunFolderBusy
 
