@@ -59,7 +59,11 @@ class Parser(argparse.ArgumentParser):
         return message
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {self.explain(message)} (see {self.prog} --help)", file=sys.stderr)
+        from .run.launcher_report import record_for_launcher
+
+        line = f"{self.prog}: error: {self.explain(message)} (see {self.prog} --help)"
+        print(line, file=sys.stderr)
+        record_for_launcher(line)  # under a launcher its failure summary ends with the line too
         self.exit(2)
 
 

@@ -44,10 +44,11 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "missing_init_from": (["--init-from", str(root / "w.pt")], f"--init-from {root / 'w.pt'}: no such file"),
         "missing_tokenizer": (["--tokenizer", str(root / "tok")], f"tokenizer {root / 'tok'}: no such directory"),
         "missing_launch_json": (["--deepspeed-config", str(root / "ds.json")], "ds.json: not found"),
+        "flag_typo": (["--max-step", "1"], "unknown flag --max-step; did you mean --max-steps?"),
     }
 
 
-QUICK = ("used_folder", "missing_data", "malformed_jsonl")
+QUICK = ("used_folder", "missing_data", "malformed_jsonl", "flag_typo")
 
 
 def _launch(script: str, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
