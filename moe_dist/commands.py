@@ -45,8 +45,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if args else 2
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"moe: unknown command {name!r}; expected one of: {', '.join(COMMANDS)} (see moe --help)",
-              file=sys.stderr)
+        from .cli_args import did_you_mean
+
+        print(f"moe: error: unknown command {name!r}{did_you_mean(name, COMMANDS)} (commands: {', '.join(COMMANDS)}; "
+              "see moe --help)", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[name]
     entry = getattr(importlib.import_module(module), function)

@@ -57,6 +57,9 @@ def _fail(msg: str, code: int = 2, every_rank: bool = False) -> int:
         time.sleep(PEER_GRACE_S)
     label = f"error (rank {rank})" if every_rank and rank != 0 else "error"
     print(f"{label}: {msg}", file=sys.stderr, flush=True)
+    from moe_dist.run.launcher_report import record_for_launcher
+
+    record_for_launcher(f"{label}: {msg}")  # the launcher's failure summary ends with it
     return code
 
 
@@ -102,17 +105,34 @@ def run(argv: Optional[list[str]] = None) -> int:
               f"active per token {active:,} ({_short(active)})")
         return 0
 
+    from moe_dist.run.quiet import quiet_console
+    from moe_dist.run.threads import set_plain_run_threads
+
+    quiet_console(args.verbose)  # before DeepSpeed and Accelerate are imported
+
+    threads = set_plain_run_threads()  # a plain one-process run: before torch is imported; said once it starts
     from moe_dist.checkpoint.errors import CheckpointError
-    from moe_dist.data import DataError
+    from moe_dist.data.errors import DataError
+    from moe_dist.run.preflight import preflight, remove_if_left_empty
+
+    try:  # every mistake of the command line or its files, before anything is started or created
+        preflight(cfg, args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    if threads:
+        print(threads, flush=True)
     from moe_dist.parallel.runtime import shutdown
     from moe_dist.run.lock import RunFolderBusy
 
+    fresh = not os.path.exists(cfg.checkpoint.output_dir)
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
             return _train(cfg, args, held)
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
+        remove_if_left_empty(cfg.checkpoint.output_dir, fresh)  # a refused start leaves no empty run folder
         return _fail(str(e))
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
+        remove_if_left_empty(cfg.checkpoint.output_dir, fresh)
         where = f": {e.filename}" if e.filename else ""
         return _fail(f"{e.strerror or e}{where}", every_rank=True)
     finally:
@@ -135,7 +155,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.run import init_from as init_weights
     from moe_dist.run import artifacts as run_artifacts, trackers
     from moe_dist.logging_utils import get_logger
-    from moe_dist.parallel.runtime import build_engine, check_layout, init_runtime
+    from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.run.folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run.lock import hold_run_folder
     from moe_dist.run.trainer import Trainer
@@ -143,7 +163,6 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
 
     stop_at = cfg.checkpoint.stop_at_step
     report_to = trackers.requested(cfg)  # a tracker that is not installed fails now
-    check_layout(cfg, args.deepspeed_config)  # a wrong --ep-size or batch fails now, before the run folder exists
     _check_output_dir(cfg.checkpoint.output_dir)
     rt = init_runtime(cfg, args.deepspeed_config, trackers.accelerator_kwargs(report_to, cfg.checkpoint.output_dir))
     # One live writer per folder: a second run stops here, on every rank, before it reads the folder.

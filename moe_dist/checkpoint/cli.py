@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ..cli_args import Parser
 from . import layout
 from .errors import CheckpointError
 
@@ -51,6 +52,7 @@ def _model_config(folder: Path, state: dict[str, Any]):  # noqa: ANN202 - ModelC
 
 
 def _files(folder: Path) -> list[Path]:
+    """The files of a checkpoint folder, manifest.json included: the one count info and verify print."""
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
@@ -120,16 +122,16 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata (only possible with --no-checksums)
         raise CheckpointError(f"{folder / layout.DCP_METADATA}: unreadable DCP metadata "
                               f"({e.__class__.__name__}: {e})") from None
-    listed = manifest["files"]
-    size = sum(m["size"] for m in listed.values())
+    files = _files(folder)  # what info counts: the listed files and manifest.json
+    size = sum(p.stat().st_size for p in files)
     what = f"sizes and checksums ({HASH_NAME})" if checksums else "sizes (checksums skipped)"
-    return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what} match the "
-            f"manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
+    return (f"OK {folder}: step {state.get('step')}, {len(files)} files, {human_bytes(size)} (as moe-ckpt info counts "
+            f"them, manifest.json included); {what} match the manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
 
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-ckpt", description="Inspect and verify moe_dist checkpoints (offline, no GPU or process group).",
         epilog="PATH: a checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its latest checkpoint). "
                "Exit codes: 0 ok, 1 checkpoint incomplete/corrupt, 2 PATH is not a checkpoint.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import os
 import pickle
@@ -31,12 +30,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from ..config import ConfigError, ModelConfig, RunConfig
+from ..config import ModelConfig
 from . import layout
-from .errors import CheckpointError, IncompatibleCheckpoint
+from .errors import CheckpointError
 from .fragment import box_start
-from .keys import FORMAT_VERSION, MODEL_PREFIX, model_key
+from .keys import MODEL_PREFIX, model_key
 from .manifest import verify_manifest
+from .train_state import read_train_state, run_config  # noqa: F401 - their home is train_state.py
 
 DEFAULT_READ_BUDGET = 32 << 20  # bytes read per dcp.load when streaming tensors
 Advance = Callable[[int], None]  # called with the bytes just read
@@ -198,28 +198,6 @@ def model_layout(cfg: ModelConfig) -> ModelLayout:
         specs.append(TensorSpec(name, tuple(t.shape), model_key(param_name.get(id(t), name)),
                                 None if owner == name else owner))
     return ModelLayout(specs, getattr(sd, "_metadata", None))
-
-
-def read_train_state(folder: Path) -> dict[str, Any]:
-    path = folder / layout.TRAIN_STATE
-    try:
-        state = json.loads(path.read_text())
-        int(state["step"]), state["config"]["model"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable train state ({e.__class__.__name__}: {e})") from None
-    found = state.get("format_version")
-    if found != FORMAT_VERSION:
-        raise IncompatibleCheckpoint(f"{path}: format_version is {found!r}, this moe_dist reads checkpoints of format "
-                              f"{FORMAT_VERSION} only (tensors in the model's own shapes); load it with the "
-                              "moe_dist version that wrote it and export it with moe-consolidate")
-    return state
-
-
-def run_config(config: dict[str, Any], where: Path) -> RunConfig:
-    try:
-        return RunConfig.from_dict(config)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{where}: the stored config is not valid for this moe_dist ({e})") from None
 
 
 class Checkpoint:

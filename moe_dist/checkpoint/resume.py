@@ -23,7 +23,7 @@ from ..config import architecture_diff
 from . import layout
 from .errors import CheckpointError, IncompatibleCheckpoint
 from .manifest import verify_manifest
-from .reader import read_train_state
+from .train_state import read_train_state
 
 # Model fields that change how a model trains, not its shapes: a resume may change them.
 TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")

@@ -56,5 +56,7 @@ PRESETS = {"tiny": _preset_tiny, "100m": _preset_small, "4090": _preset_4090, "b
 
 def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        from ..cli_args import did_you_mean
+
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)} (presets: {', '.join(PRESETS)})")
     return PRESETS[name]()

@@ -306,17 +306,23 @@ def _coerce(value: str, current: Any, where: str) -> Any:
 
 def resolve_key(key: str, source: str = "--set") -> tuple[str, str]:
     """Map 'section.field' or a unique bare 'field' to (section, field); errors start with ``source``."""
+    from ..cli_args import field_hint
+
     classes = _section_classes()
+    known = [f"{s}.{f.name}" for s, c in classes.items() for f in fields(c)]
     if "." in key:
         sec, name = key.split(".", 1)
         if sec not in classes:
-            raise ConfigError(f"{source} {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}")
+            raise ConfigError(f"{source} {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}"
+                              f"{field_hint(key, known)}")
         if name not in {f.name for f in fields(classes[sec])}:
-            raise ConfigError(f"{source} {key}: {sec} has no field {name!r}; see `moe-train --help-config`")
+            raise ConfigError(f"{source} {key}: {sec} has no field {name!r}{field_hint(key, known)} "
+                              "(see `moe-train --help-config`)")
         return sec, name
     hits = [sec for sec, c in classes.items() if key in {f.name for f in fields(c)}]
     if not hits:
-        raise ConfigError(f"{source} {key}: no config field is named {key!r}; see `moe-train --help-config`")
+        raise ConfigError(f"{source} {key}: no config field is named {key!r}{field_hint(key, known)} "
+                          "(see `moe-train --help-config`)")
     if len(hits) > 1:
         raise ConfigError(f"{source} {key}: ambiguous, exists in {', '.join(hits)}; write e.g. {hits[0]}.{key}")
     return hits[0], key

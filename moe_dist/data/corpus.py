@@ -107,7 +107,16 @@ def _folder_hint(path: str) -> str:
 
 def _load_file(path: str, text_field: str) -> list[str]:
     ds, field = open_file_dataset(path, text_field)
-    docs = _texts(ds, field, f"data file {path}", hint="set data.text_field")
+    try:
+        docs = _texts(ds, field, f"data file {path}", hint="set data.text_field")
+    except (UnicodeDecodeError, DataError) as e:  # pyarrow keeps undecodable bytes until a row is read
+        from .lines import bad_line
+
+        found = bad_line(path, field)  # a row number -> the file's line number, when a line is to blame
+        if found is None and isinstance(e, DataError):
+            raise
+        raise DataError(f"data file {path}: {found}" if found else f"data file {path}: cannot read it ({e}); "
+                        "check its format") from None
     if not docs:
         raise DataError(f"data file {path}: no text in column {field!r}; give a file with non-empty text")
     return docs
@@ -137,9 +146,17 @@ def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = Non
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
         cause = e.__cause__ or e.__context__ or e
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else cause.__class__.__name__
-        raise DataError(f"data file {path}: cannot read it as {builder} ({msg}); check its format") from None
+        raise DataError(_bad_line_message(path, field, f"cannot read it as {builder} ({msg})")) from None
     check_text_field(ds.column_names, field, f"data file {path}", hint="set data.text_field")
     return ds, field
+
+
+def _bad_line_message(path: str, text_field: str, fallback: str) -> str:
+    """The first bad line, 1-based, in plain words; ``fallback`` (the reader's own words) when no line is."""
+    from .lines import bad_line
+
+    found = bad_line(path, text_field)
+    return f"data file {path}: {found}" if found else f"data file {path}: {fallback}; check its format"
 
 
 def check_text_field(columns: Optional[list], field: str, where: str, hint: str) -> None:
@@ -156,7 +173,7 @@ def _texts(ds: Any, field: str, where: str, hint: str) -> list[str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise DataError(f"{where}: row {i} of field {field!r} is {type(value).__name__}, not text; "
+            raise DataError(f"{where}: row {i + 1} of field {field!r} is {type(value).__name__}, not text; "
                             f"{hint} to a column of strings")
         if value:
             out.append(value)

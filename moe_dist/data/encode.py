@@ -39,7 +39,7 @@ def _texts_of(values: list, field: str, where: str, first_row: int) -> list[str]
         if v is None or v == "":
             continue
         if not isinstance(v, str):
-            raise DataError(f"{where}: row {first_row + i} of field {field!r} is {type(v).__name__}, not text; "
+            raise DataError(f"{where}: row {first_row + i + 1} of field {field!r} is {type(v).__name__}, not text; "
                             "set data.text_field to a column of strings")
         out.append(v)
     return out
@@ -147,7 +147,16 @@ def tokenize_into(writer: TokenWriter, cfg: DataConfig, sources: dict[str, Any],
         ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
         where = f"data file {cfg.data_files[0]}" if len(parts) == 1 else f"data files {', '.join(cfg.data_files)}"
         n_proc = _auto_num_proc(cfg.num_proc, sum(os.path.getsize(f) for f in cfg.data_files))
-        if _map_into(writer, ds, "text", tokenizer_spec, n_proc, where, work) == 0:
+        try:
+            docs = _map_into(writer, ds, "text", tokenizer_spec, n_proc, where, work)
+        except (UnicodeDecodeError, DataError) as e:  # name the file and line, counted from 1
+            from .lines import first_bad_file_line
+
+            found = first_bad_file_line([str(f) for f in cfg.data_files], cfg.text_field)
+            if found is None and isinstance(e, DataError):
+                raise
+            raise DataError(found or f"{where}: cannot read it ({e}); check its format") from None
+        if docs == 0:
             raise DataError(f"{where}: no text in column {cfg.text_field!r}; give files with non-empty text")
     elif sources["kind"] == "dataset":
         ds = open_hub_dataset(cfg.dataset, cfg.dataset_split, streaming=True)

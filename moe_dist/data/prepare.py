@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from ..cli_args import Parser
 from ..checkpoint.layout import fsync_dir
 from ..config import DataConfig
 from ..logging_utils import get_logger
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
     helps = {f.name: f.metadata.get("help", "") for f in fields(DataConfig)}
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-prepare-data",
         description="Tokenize documents once into a memory-mapped token store and print its folder. Training "
                     "with the same inputs and tokenizer finds it; or pass the folder to moe-train --data-store.")

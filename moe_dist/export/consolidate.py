@@ -149,8 +149,8 @@ def consolidate(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] 
     if max_shard_size is not None and fmt == "pt":
         raise ConsolidateError("--max-shard-size only applies to --format safetensors or hf (a .pt is one file)")
     try:
-        budget = read_budget if isinstance(read_budget, int) else parse_bytes(read_budget)
-        max_shard = parse_bytes(str(max_shard_size or DEFAULT_MAX_SHARD))
+        budget = read_budget if isinstance(read_budget, int) else parse_bytes(read_budget, "--read-budget")
+        max_shard = parse_bytes(str(max_shard_size or DEFAULT_MAX_SHARD), "--max-shard-size")
     except ConfigError as e:
         raise ConsolidateError(str(e)) from None
     if budget <= 0 or max_shard <= 0:

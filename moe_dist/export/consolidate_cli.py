@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
+from ..cli_args import Parser
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.reader import Advance
 from .consolidate import DEFAULT_MAX_SHARD, DTYPES, consolidate
@@ -17,7 +18,7 @@ from .errors import ConsolidateError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-consolidate",
         description="Turn a moe_dist DCP checkpoint into one .pt file, a safetensors export or a Hugging Face "
                     "(transformers MixtralForCausalLM) folder, offline on CPU "
@@ -69,7 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1 if str(e).startswith("verify:") else 2
     rate = res.bytes_read / max(res.seconds, 1e-9) / 1e6
     err.print(f"wrote {escape(str(res.out))} (step {res.step}, {res.tensors} tensors, "
-              f"{res.bytes_written / 1e6:,.1f} MB {a.dtype}) in {res.seconds:.2f}s, {rate:,.0f} MB/s read")
+              f"{res.bytes_written / 1e6:,.1f} MB {a.dtype}) in {res.seconds:.2f}s: {res.bytes_read / 1e6:,.1f} MB "
+              f"read, {rate:,.0f} MB/s over the whole command (manifest check and write included; the bar shows "
+              "the read alone)")
     if res.verified is not None:
         err.print(f"verified {res.verified} tensors against {escape(a.checkpoint)}: identical")
     return 0

@@ -31,11 +31,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from ..checkpoint.reader import Advance, Checkpoint
+if TYPE_CHECKING:  # annotations only: loading an export must not import torch.distributed.checkpoint
+    from ..checkpoint.reader import Advance, Checkpoint
 from ..config import ModelConfig
 from .errors import ConsolidateError
 from .safetensors_writer import write_safetensors_shards

@@ -17,8 +17,9 @@ Accepted paths:
 * a safetensors export: a ``.safetensors`` file, a ``model.safetensors.index.json``, or their folder
   (with ``moe_dist_config.json`` beside them for the config, step and tokenizer).
 
-Generation re-runs the whole context for every new token (the model has no KV cache): fine for
-checking a checkpoint, not a serving path.
+Generation (``export/generation.py``) keeps a KV cache: the prompt is run once, then each new token
+is one position; ``moe-generate`` streams the text as it comes and reports its start-up, time to
+first token and tokens/s on stderr.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..cli_args import Parser
 from ..checkpoint import layout
 from ..checkpoint.errors import CheckpointError
 from ..config import RunConfig
 from ..checkpoint.keys import model_key, param_name
-from ..checkpoint.reader import Checkpoint, run_config
+from ..checkpoint.train_state import run_config
+from .generation import GenerationTimes, generate  # noqa: F401 - generate: moe_dist's public sampling call
 from .hf import is_hf_export
 from .safetensors_writer import MOE_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, safetensors_files
 
@@ -111,6 +114,8 @@ def checkpoint_info(path: str | Path, verify: bool = True) -> CheckpointInfo:
     exported = (p / SAFETENSORS_SINGLE).is_file() or (p / SAFETENSORS_INDEX).is_file()
     if exported and not (p / layout.DCP_METADATA).exists():
         return _safetensors_info(p)
+    from ..checkpoint.reader import Checkpoint  # DCP: imported only for a DCP checkpoint
+
     ckpt = Checkpoint(p, verify=verify)
     state = ckpt.state
     return CheckpointInfo("dcp", ckpt.folder, ckpt.step, state["config"], state.get("metrics") or {},
@@ -145,7 +150,7 @@ def _check_match(where: Path, entries: dict[str, torch.Tensor], found: dict[str,
 def _load_weights(info: CheckpointInfo, model: nn.Module) -> None:
     entries = _stored_entries(model)
     if info.kind == "dcp":
-        ckpt: Checkpoint = info.source
+        ckpt = info.source  # a checkpoint.reader.Checkpoint
         found = {param_name(k): tuple(md.size) for k, md in ckpt.metadata.items() if param_name(k) is not None}
         _check_match(info.path, model.state_dict(keep_vars=True), found)  # every name, a tied head too
         # DCP copies the chunks straight into the parameters: no second copy of the model.
@@ -200,39 +205,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
 
 
 # ============================================================================ generation
-@torch.no_grad()
-def generate(model: nn.Module, prompt: list[int], max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: Optional[int] = 50, generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-             vocab_limit: Optional[int] = None) -> list[int]:
-    """Sample up to ``max_new_tokens`` ids after ``prompt`` (stops at ``eos_id``). ``temperature`` 0 is
-    greedy; ``vocab_limit`` masks ids the tokenizer cannot decode. Sampling draws on the CPU from
-    ``generator``, so a seed gives the same text on any device."""
-    device = next(model.parameters()).device
-    max_len = model.cfg.max_seq_len
-    x_BT = torch.tensor([prompt], dtype=torch.long, device=device)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits_BTV, _ = model(x_BT[:, -max_len:], return_aux_loss=False)
-        logits_V = logits_BTV[0, -1].float().cpu()
-        if vocab_limit is not None:
-            logits_V[vocab_limit:] = float("-inf")
-        if temperature <= 0:
-            nxt = int(logits_V.argmax())
-        else:
-            logits_V = logits_V / temperature
-            if top_k:
-                kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
-                logits_V[logits_V < kth] = float("-inf")
-            nxt = int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=generator))
-        if nxt == eos_id:
-            break
-        out.append(nxt)
-        x_BT = torch.cat([x_BT, torch.tensor([[nxt]], device=device)], dim=1)
-    return out
-
-
 def build_generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-generate", description="Sample text from a moe_dist checkpoint (DCP folder, "
+    p = Parser(prog="moe-generate", description="Sample text from a moe_dist checkpoint (DCP folder, "
                                 "checkpoint_latest, consolidated .pt or safetensors export) with its own tokenizer.")
     p.add_argument("checkpoint", help="checkpoint folder, checkpoint_latest, run folder, .pt or safetensors export")
     p.add_argument("--prompt", default="", help="text to continue (empty: start after a document separator)")
@@ -243,7 +217,59 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     p.add_argument("--tokenizer", help="'byte' or a local Hugging Face tokenizer folder, instead of the tokenizer "
                    "stored with the checkpoint")
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="the end-of-document token cannot be drawn before this many new tokens (default 0)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end-of-document token (kept in the text as a separator): exactly "
+                   "--max-new-tokens tokens, e.g. to time a long generation")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole context for every token instead of using the KV cache (the reference; slow)")
+    p.add_argument("--no-stream", action="store_true", help="print the text once at the end, not as it is sampled")
+    p.add_argument("--set", metavar="model.max_seq_len=N", action="append", default=[],
+                   help="a longer context than the checkpoint's (rotary positions need no weights); the only field "
+                   "generation may change")
     return p
+
+
+def _with_longer_context(config: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    from ..config import ConfigError, parse_set_args
+
+    try:
+        over = parse_set_args(items)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    other = [k for k in over if k != "model.max_seq_len"]
+    if other:
+        raise CheckpointError(f"--set {other[0]}: generation can only change model.max_seq_len (the other fields "
+                              "are the checkpoint's architecture)")
+    if not over:
+        return config
+    try:
+        n = int(over["model.max_seq_len"])
+    except ValueError:
+        raise CheckpointError(f"--set model.max_seq_len={over['model.max_seq_len']}: expected a whole number") from None
+    return {**config, "model": {**config["model"], "max_seq_len": n}}
+
+
+class _Stream:
+    """Writes the decoded text as tokens come, holding back a tail that is not whole characters yet."""
+
+    def __init__(self, tok: Any, enabled: bool) -> None:  # noqa: ANN401 - a Tokenizer
+        self.tok, self.enabled, self.ids, self.shown = tok, enabled, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.enabled:
+            text = self.tok.decode(self.ids)
+            if not text.endswith("\ufffd") and len(text) > self.shown:
+                sys.stdout.write(text[self.shown:])
+                sys.stdout.flush()
+                self.shown = len(text)
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        sys.stdout.write((text[self.shown:] if self.enabled else text) + "\n")
+        sys.stdout.flush()
 
 
 def generate_main(argv: Optional[list[str]] = None) -> int:
@@ -254,10 +280,14 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     from ..data.tokenizer import load_tokenizer, tokenizer_from_spec
     from ..debug import strict_device_from_env
 
+    import time
+
+    started = time.perf_counter()
     a = build_generate_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         info = checkpoint_info(a.checkpoint)
+        info.config = _with_longer_context(info.config, a.set)
         model, cfg = _build(info, a.device)
         strict_device_from_env()  # tests: generation names every device (see moe_dist.debug)
         if a.tokenizer:
@@ -275,9 +305,16 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         return 2
     prompt = tok.encode(a.prompt) or [tok.eos_id]
     gen = torch.Generator(device="cpu").manual_seed(a.seed)  # sampling draws on the host
-    ids = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k or None, gen, tok.eos_id, tok.vocab_size)
-    err.print(f"[dim]{info.kind} checkpoint, step {info.step}, {len(ids)} new tokens[/]")
-    sys.stdout.write(a.prompt + tok.decode(ids) + "\n")
+    loaded = time.perf_counter() - started  # since this function began; the interpreter's start is not in it
+    stream, times = _Stream(tok, not a.no_stream), GenerationTimes()
+    sys.stdout.write(a.prompt)
+    ids = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k or None, gen, tok.eos_id, tok.vocab_size,
+                   min_new_tokens=a.min_new_tokens, ignore_eos=a.ignore_eos, use_cache=not a.no_cache,
+                   on_token=stream, times=times)
+    stream.finish()
+    err.print(f"[dim]{info.kind} checkpoint, step {info.step}, {len(ids)} new tokens; load {loaded:.2f} s, first "
+              f"token {times.first_token_s:.3f} s, {times.tokens_per_s:.1f} tokens/s"
+              f"{' (no KV cache)' if a.no_cache else ''}[/]")
     return 0
 
 

@@ -9,12 +9,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.reader import Advance, Checkpoint, TensorSpec
+
+if TYPE_CHECKING:  # annotations only: loading an export must not import torch.distributed.checkpoint
+    from ..checkpoint.reader import Advance, Checkpoint, TensorSpec
 from ..config import ModelConfig
 
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .experts import per_expert_fill
+from .kv_cache import KVCache, LayerKV
 from .moe import MoEFeedForward
 
 
@@ -69,16 +70,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor,
+                cache: Optional[LayerKV] = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BGTd = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v_BGTd = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_Th, sin_Th), apply_rope(k_BGTd, cos_Th, sin_Th)
+        mask = None
+        if cache is not None:  # generation: attend to every cached position (k/v become (B, G, S, d))
+            mask = cache.mask(T)
+            k_BGTd, v_BGTd = cache.append(k_BGTd, v_BGTd)
         if self.kv_heads != self.n_heads:  # GQA: each k/v head serves n_heads / kv_heads query heads
             rep = self.n_heads // self.kv_heads
             k_BGTd, v_BGTd = k_BGTd.repeat_interleave(rep, dim=1), v_BGTd.repeat_interleave(rep, dim=1)
-        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True)
+        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=mask is None)
         return self.wo(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -92,9 +98,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor,
-                sin_Th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Th, sin_Th)
+    def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor,
+                cache: Optional[LayerKV] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Th, sin_Th, cache)
         y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
         return x_BTD + y_BTD, aux
 
@@ -177,18 +183,25 @@ class MoETransformer(nn.Module):
             tables = self._rope_cache[device] = (cos.to(device), sin.to(device))
         return tables[0][:T], tables[1][:T]
 
-    def forward(self, tokens_BT: torch.Tensor,
-                return_aux_loss: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        cos_Th, sin_Th = self.rope(tokens_BT.shape[1], tokens_BT.device)
+    def forward(self, tokens_BT: torch.Tensor, return_aux_loss: bool = True,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``cache`` (generation only, see ``kv_cache.py``): the tokens are positions ``cache.pos ...``."""
+        start = cache.pos if cache is not None else 0
+        cos_Th, sin_Th = self.rope(start + tokens_BT.shape[1], tokens_BT.device)
+        cos_Th, sin_Th = cos_Th[start:], sin_Th[start:]
         x_BTD = self.embed(tokens_BT)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if use_ckpt:
                 x_BTD, aux = checkpoint(block, x_BTD, cos_Th, sin_Th, use_reentrant=False)
+            elif cache is not None:
+                x_BTD, aux = block(x_BTD, cos_Th, sin_Th, cache.layers[i])
             else:
                 x_BTD, aux = block(x_BTD, cos_Th, sin_Th)
             aux_losses.append(aux)
+        if cache is not None:
+            cache.advance(tokens_BT.shape[1])
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if not return_aux_loss:
             return logits_BTV, None

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any, Optional
 
+from ..cli_args import Parser
 from ..config import PRESETS, ConfigError, RunConfig, apply_overrides, get_preset
 from ..parallel.deepspeed.config import read_launch_json
 from .layout_search import choose, fit
@@ -18,7 +19,7 @@ from .units import parse_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-plan", description="Estimate per-GPU and per-node CPU memory of a "
+    p = Parser(prog="moe-plan", description="Estimate per-GPU and per-node CPU memory of a "
                                 "moe_dist run and say whether it fits. Unset flags take the preset's values, then the launch "
                                 "JSON's. Exit code 0 whether or not it fits (2 for an invalid configuration).")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="Model/training preset.")
@@ -37,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp32"], help="Training precision (default: bf16 on GPU).")
     p.add_argument("--optimizer", choices=["muon", "adamw"], help="Optimizer (Muon also uses AdamW for "
                    "embeddings and norms).")
-    p.add_argument("--micro-batch", type=int, help="Sequences per rank per forward pass.")
+    p.add_argument("--micro-batch-size", "--micro-batch", dest="micro_batch", type=int,
+                   help="Sequences per rank per forward pass [train.micro_batch_size] (as in moe-train).")
     p.add_argument("--seq-len", type=int, help="Tokens per sequence.")
-    p.add_argument("--global-batch", type=int, help="Sequences per optimizer step (sets grad accumulation).")
+    p.add_argument("--global-batch-size", "--global-batch", dest="global_batch", type=int,
+                   help="Sequences per optimizer step (sets grad accumulation) [train.global_batch_size].")
     p.add_argument("--gpu-mem", default="24GB", help="Memory per GPU (default 24GB).")
     p.add_argument("--cpu-mem", default="64GB", help="Memory per node (default 64GB).")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (= processes) per node.")
@@ -80,6 +83,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     return apply_overrides(cfg, over)
 
 
+def hardware(a: argparse.Namespace) -> Hardware:
+    return Hardware(gpu_mem=parse_bytes(a.gpu_mem, "--gpu-mem"), cpu_mem=parse_bytes(a.cpu_mem, "--cpu-mem"),
+                    gpus_per_node=a.gpus_per_node, nodes=a.nodes, accelerator=a.accelerator,
+                    host_buffer_factor=a.host_buffer_factor)
+
+
 def main_search(a: argparse.Namespace, console: Any) -> int:
     """``moe-plan --choose`` and ``moe-plan --fit``: the flags that fix a layout are refused."""
     flag = "--fit" if a.fit else "--choose"
@@ -90,8 +99,7 @@ def main_search(a: argparse.Namespace, console: Any) -> int:
         raise ConfigError(f"{flag} picks the layout itself; drop {', '.join(fixed)} (or drop {flag} to plan that "
                           "layout)")
     cfg = config_from_args(a)
-    hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
-                  nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
+    hw = hardware(a)
     launch = read_launch_json(a.launch_config)
     where = f"{a.gpus_per_node} x {a.nodes} GPU(s) of {a.gpu_mem}, {a.cpu_mem} RAM per node"
     if a.fit:
@@ -114,8 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     try:
         cfg = config_from_args(a)
-        hw = Hardware(gpu_mem=parse_bytes(a.gpu_mem), cpu_mem=parse_bytes(a.cpu_mem), gpus_per_node=a.gpus_per_node,
-                      nodes=a.nodes, accelerator=a.accelerator, host_buffer_factor=a.host_buffer_factor)
+        hw = hardware(a)
         launch = read_launch_json(a.launch_config)
         pl = plan(cfg, hw, launch)
     except ConfigError as e:

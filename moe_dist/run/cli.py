@@ -11,6 +11,7 @@ import argparse
 from dataclasses import MISSING, fields
 from typing import Any, Optional
 
+from ..cli_args import Parser
 from ..config import (PRESETS, SECTIONS, ConfigError, RunConfig, _section_classes, apply_overrides, get_preset,
                      load_config_file, parse_set_args, resolve_key)
 
@@ -27,6 +28,8 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-every": ("train.eval_every", {"type": int}),
     "--log-every": ("train.log_every", {"type": int}),
     "--global-batch-size": ("train.global_batch_size", {"type": int}),
+    "--micro-batch-size": ("train.micro_batch_size", {"type": int}),
+    "--seq-len": ("train.seq_len", {"type": int}),
     "--output-dir": ("checkpoint.output_dir", {}),
     "--save-every": ("checkpoint.save_every", {"type": int}),
     "--keep-last": ("checkpoint.keep_last", {"type": int}),
@@ -54,7 +57,7 @@ BOOL_FLAGS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="moe-train",
         description="Train a Mixture-of-Experts LM with expert parallelism under DeepSpeed ZeRO (default) or "
                     "PyTorch FSDP2 (--engine fsdp2). Launch with: accelerate launch --config_file "
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="Start a new run in an --output-dir that holds one: move the old run to "
                         "<output-dir>.old-<time> first (nothing is deleted). Without it that start is refused.")
+    p.add_argument("--verbose", action="store_true",
+                   help="Also show the third-party lines a quiet console drops (DeepSpeed's per-rank op notes, ...).")
     p.add_argument("--print-params", action="store_true",
                    help="Print total and active-per-token parameters of the config and exit.")
     p.add_argument("--help-config", action="store_true",

@@ -213,3 +213,14 @@ def test_verify_and_resume_never_unpickle_code_from_metadata(run, tmp_path, caps
     with pytest.raises(CheckpointError, match="refusing to unpickle io.open"):
         read_saved_keys(str(folder))  # what the trainer's resume reads first
     assert not marker.exists()
+
+
+def test_info_and_verify_count_the_same_files(tmp_path):
+    from moe_dist.checkpoint.cli import info_report, verify_checkpoint
+
+    from .test_consolidate import TINY, make_checkpoint
+
+    _, folder = make_checkpoint(tmp_path, TINY)
+    info = info_report(folder)
+    line = verify_checkpoint(folder, checksums=False)
+    assert f", {info['files']} files, " in line and info["files"] == len([p for p in folder.iterdir() if p.is_file()])

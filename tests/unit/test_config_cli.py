@@ -111,7 +111,7 @@ def test_config_file_errors_name_the_file_not_set(tmp_path):
     f.write_text("model:\n  nonsense: 3\n")
     with pytest.raises(ConfigError) as err:
         parse(["--config", str(f)])
-    assert str(err.value) == f"config file {f}: model.nonsense: model has no field 'nonsense'; see `moe-train --help-config`"
+    assert str(err.value) == f"config file {f}: model.nonsense: model has no field 'nonsense' (see `moe-train --help-config`)"
     with pytest.raises(ConfigError, match=r"^--set model.nonsense: model has no field"):
         parse(["--set", "model.nonsense=3"])
 

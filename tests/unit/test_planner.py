@@ -183,9 +183,11 @@ def test_invalid_combinations_raise(over, hw, msg):
 # --------------------------------------------------------------------------- CLI
 def test_parse_bytes():
     assert parse_bytes("24GB") == parse_bytes("24GiB") == 24 * GiB
-    assert parse_bytes("1.5T") == int(1.5 * 2**40) and parse_bytes("1000") == 1000
+    assert parse_bytes("1.5T") == int(1.5 * 2**40) and parse_bytes("1000B") == 1000
     with pytest.raises(ConfigError):
         parse_bytes("lots")
+    with pytest.raises(ConfigError, match=r"^--cpu-mem 64: a size needs a unit .*did you mean 64GB\?$"):
+        parse_bytes("64", "--cpu-mem")
 
 
 def test_help_lists_every_flag():
