@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/
 from contextlib import ExitStack  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-# Exit code of a run stopped by SIGTERM / SIGINT after saving its checkpoint: EX_TEMPFAIL of
-# sysexits.h, "try again later". A job script reads it as "preempted, saved: rerun with --resume auto".
-PREEMPTED_EXIT_CODE = 75
+from moe_dist import exit_codes  # noqa: E402 - every exit status, documented there
+
+PREEMPTED_EXIT_CODE = exit_codes.PREEMPTED
 
 
 # How long a rank other than 0 waits before it reports a start-up error and exits. Launchers
@@ -105,11 +105,14 @@ def run(argv: Optional[list[str]] = None) -> int:
     from moe_dist.checkpoint.errors import CheckpointError
     from moe_dist.data import DataError
     from moe_dist.parallel.runtime import shutdown
+    from moe_dist.run.guard import Diverged
     from moe_dist.run.lock import RunFolderBusy
 
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
             return _train(cfg, args, held)
+    except Diverged as e:  # every rank alike (judged from reduced values): rank 0 prints
+        return _fail(str(e), exit_codes.DIVERGED)
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         return _fail(str(e))
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us

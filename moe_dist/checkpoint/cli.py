@@ -106,8 +106,11 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     from .audit import audit_experts
     from .manifest import HASH_NAME, verify_manifest
 
+    from .finite import check_manifest_finite, scan_folder
+
     layout.require_complete(folder)
     manifest = verify_manifest(folder, checksums=checksums)
+    check_manifest_finite(folder, manifest)
     state = _read_json(folder / layout.TRAIN_STATE)
     if manifest.get("step") is not None and manifest.get("step") != state.get("step"):
         raise CheckpointError(f"{folder}: manifest says step {manifest['step']}, {layout.TRAIN_STATE} says "
@@ -120,11 +123,14 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata (only possible with --no-checksums)
         raise CheckpointError(f"{folder / layout.DCP_METADATA}: unreadable DCP metadata "
                               f"({e.__class__.__name__}: {e})") from None
+    if checksums:  # every byte is read anyway: read every tensor too
+        scan_folder(folder)
     listed = manifest["files"]
     size = sum(m["size"] for m in listed.values())
-    what = f"sizes and checksums ({HASH_NAME})" if checksums else "sizes (checksums skipped)"
-    return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what} match the "
-            f"manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
+    what = (f"sizes and checksums ({HASH_NAME}) match the manifest, every tensor finite" if checksums
+            else "sizes match the manifest (checksums and finiteness scan skipped)")
+    return (f"OK {folder}: step {state.get('step')}, {len(listed)} files, {human_bytes(size)}; {what}; "
+            f"{mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -136,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{info,verify}")
     info = sub.add_parser("info", help="Step, tokens, topology, optimizer, size, saved_at and model of a checkpoint.")
     info.add_argument("path", metavar="PATH")
-    ver = sub.add_parser("verify", help="Check every file against manifest.json and audit the experts; prints OK "
-                                        "or the one-line problem.")
+    ver = sub.add_parser("verify", help="Check every file against manifest.json, every tensor for NaN/inf and "
+                                        "audit the experts; prints OK or the one-line problem.")
     ver.add_argument("path", metavar="PATH")
     ver.add_argument("--no-checksums", action="store_true",
-                     help="Check file sizes only, not checksums (fast; misses flipped bits).")
+                     help="Check file sizes only, not checksums or finiteness (fast; misses flipped bits).")
     return p
 
 

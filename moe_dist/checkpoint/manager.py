@@ -36,6 +36,7 @@ from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
 from .errors import CheckpointError
+from .finite import MANIFEST_FIELD as FINITE_FIELD, first_nonfinite
 from .keys import FORMAT_VERSION
 from .manifest import config_hash, own_shard_entries, without_zip_crc32, write_manifest
 from .reader import CheckpointReader, read_train_state
@@ -183,6 +184,11 @@ class CheckpointManager:
             self.writer.wait()  # at most one save in flight
         step = self.trainer.state.step
         t0 = time.perf_counter()
+        refused = self._unfit_to_save()
+        if refused is not None:
+            kept = self.last_saved_path.name if self.last_saved_path else "no checkpoint"
+            self.log.warning(f"not saving checkpoint_step_{step}: {refused}; {kept} stays the newest")
+            return self.last_saved_path
         token = self._broadcast(f"{int(time.time())}-{os.getpid()}")
         tmp = layout.tmp_dir_for(self.root, step, token)
         final = self.root / layout.step_dir_name(step)
@@ -215,6 +221,14 @@ class CheckpointManager:
             err = _reason(e)
         return self._publish(step, tmp, final, state, err, t0, time.perf_counter() - t0)
 
+    def _unfit_to_save(self) -> Optional[str]:
+        """Why this state must not become a checkpoint (non-finite), or None; collective over the checkpoint group."""
+        guard = getattr(self.trainer, "guard", None)
+        if guard is not None and not guard.healthy:  # every rank alike: judged from reduced values
+            return f"the last {guard.streak} step(s) had a non-finite loss or gradient norm"
+        bad = first_nonfinite(self.engine.checkpoint_fragments(), self.pg)
+        return f"non-finite values (NaN or inf) in {bad}" if bad is not None else None
+
     def _group_rank(self) -> int:
         """This rank's index in the checkpoint group: DCP names its shard files after it."""
         return dist.get_rank(self.pg) if self.pg is not None else 0
@@ -241,7 +255,8 @@ class CheckpointManager:
                 layout.write_file_atomic(tmp / layout.TRAIN_STATE, json.dumps(state, indent=1).encode())
                 audit_experts(tmp, self.cfg.model)
                 write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
-                                     "model_config_hash": config_hash(state["config"]["model"])},
+                                     "model_config_hash": config_hash(state["config"]["model"]),
+                                     FINITE_FIELD: True},  # scanned in save() before writing
                                precomputed=hashed)
                 fault_point("before_publish", step)
                 layout.publish(tmp, final, between_renames=lambda: fault_point("between_renames", step))
@@ -306,25 +321,39 @@ class CheckpointManager:
         if unfinished:
             self.log.info(f"ignoring {len(unfinished)} unfinished save(s) ({', '.join(p.name for p in unfinished)}), "
                           "left by an interrupted run; they are removed at the next save")
-        choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
         if self.rt.is_main:
-            try:
-                for line in layout.finish_interrupted_publish(self.root):
-                    self.log.warning(line)
-                path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning)
-                choice = (str(path) if path is not None else None, None)
-            except CheckpointError as e:
-                choice = (None, str(e))
-            except OSError as e:
-                choice = (None, f"cannot read the checkpoint ({_reason(e)})")
-        found, err = self._broadcast(choice)
-        if err:
-            raise CheckpointError(err)
-        if found is None:
-            self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
-            return None
-        self.load(Path(found))
-        return Path(found)
+            for line in layout.finish_interrupted_publish(self.root):
+                self.log.warning(line)
+        exclude: list[Path] = []  # loaded, found non-finite: --resume auto falls back past them
+        while True:
+            choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
+            if self.rt.is_main:
+                try:
+                    path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning,
+                                         exclude=exclude)
+                    choice = (str(path) if path is not None else None, None)
+                except CheckpointError as e:
+                    choice = (None, str(e))
+                except OSError as e:
+                    choice = (None, f"cannot read the checkpoint ({_reason(e)})")
+            found, err = self._broadcast(choice)
+            if err:
+                raise CheckpointError(err)
+            if found is None and exclude:
+                raise CheckpointError(f"--resume auto: every checkpoint under {self.root} holds non-finite values "
+                                      f"({', '.join(p.name for p in exclude)}); start a new run")
+            if found is None:
+                self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
+                return None
+            self.load(Path(found))
+            bad = first_nonfinite(self.engine.checkpoint_fragments(), self.pg)
+            if bad is None:
+                return Path(found)
+            reason = f"{found}: non-finite values (NaN or inf) in {bad}"
+            if self.cfg.checkpoint.resume != "auto":
+                raise CheckpointError(f"{reason}; resume from an earlier checkpoint")
+            self.log.warning(f"--resume auto: skipping {reason}; trying the next older one")
+            exclude.append(Path(found))
 
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""

@@ -158,6 +158,9 @@ class TrainConfig:
             "global sample, so val_loss is the same on any world size (None = the whole validation split).")
     log_every: int = _f(1, "Print a log line every N steps (metrics.jsonl gets every step).")
     seed: int = _f(1234, "Seed of weights, data order and router noise.")
+    max_nonfinite_steps: int = _f(3, "Stop (exit code 3, diverged) after this many optimizer steps in a row whose loss or "
+                                     "gradient norm is not finite; each such step is skipped (no update).")
+    loss_spike_factor: float = _f(10.0, "Warn when a step's loss exceeds this multiple of the running mean (0 = off).")
     report_to: list = _f([], "Trackers that also get the metrics, through Accelerate: 'tensorboard' "
                              "(<output-dir>/tensorboard), 'wandb' (offline, <output-dir>/wandb); comma-separated.")
 
@@ -173,6 +176,8 @@ class TrainConfig:
         _require(self.eval_batches is None or self.eval_batches > 0, s, "eval_batches", "> 0 or None",
                  self.eval_batches)
         _require(self.eval_every >= 0, s, "eval_every", ">= 0", self.eval_every)
+        _require(self.max_nonfinite_steps >= 1, s, "max_nonfinite_steps", ">= 1", self.max_nonfinite_steps)
+        _require(self.loss_spike_factor >= 0, s, "loss_spike_factor", ">= 0", self.loss_spike_factor)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         if isinstance(self.report_to, str):
             self.report_to = [p.strip() for p in self.report_to.split(",") if p.strip()]

@@ -8,6 +8,7 @@ the engine (``parallel/engine.py``), sets the LR, and reports reduced metrics.
 from __future__ import annotations
 
 import hashlib
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..config import RunConfig
 from ..data.loader import DataBundle, iter_val_batches
 from ..data.sampler import GlobalCursorSampler
 from ..host_syncs import HostSyncCounter, count_syncs_from_env
+from ..logging_utils import get_logger
+from .guard import NonFiniteGuard
 from .metrics import MetricsLog, StepAccumulator
 from .optim import LRSchedule
 from ..parallel.runtime import Runtime
@@ -66,6 +69,7 @@ class Trainer:
         # Called as probe(engine, step) after the step's last backward, before the optimizer step
         # (see moe_dist.debug); None in normal runs.
         self.grad_probe: Optional[Callable[[Any, int], None]] = None
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.loss_spike_factor, get_logger().warning)
         self.count_syncs = count_syncs_from_env()  # MOE_DIST_COUNT_SYNCS=1: host_syncs per step in the metrics
 
     # ------------------------------------------------------------------ one step
@@ -110,11 +114,11 @@ class Trainer:
             self.engine.step()
             counts, dropped = self._moe_stats()
             acc.add(ce, aux, logits, targets, counts, dropped)
-        stats = acc.reduce()
+        grad_norm = self.engine.grad_norm()
+        stats = acc.reduce(grad_nonfinite=grad_norm is not None and not math.isfinite(grad_norm))
         self.state.step += 1
         self.state.tokens += int(indices.numel()) * self.cfg.train.seq_len
         elapsed = time.perf_counter() - t0
-        grad_norm = self.engine.grad_norm()
         record = {"step": self.state.step, "loss": stats["loss"], "aux_loss": stats["aux_loss"],
                   "accuracy": stats["accuracy"], "perplexity": stats["perplexity"],
                   "lr": lrs["adamw"] if self.all_adamw else lrs["muon"], "lr_muon": lrs["muon"],
@@ -124,6 +128,7 @@ class Trainer:
                   "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank, Linux KiB
                   "grad_norm": grad_norm,
                   "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
+        self.guard.check(record, stats["bad_grad_ranks"])  # a skipped step is marked; too many stop fit()
         if self.rt.device.type == "cuda":  # what moe-plan's GPU figure estimates (benchmarks/gpu_check.py compares)
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
         return record
@@ -165,5 +170,6 @@ class Trainer:
                 self.metrics.write(record)
             if on_step is not None:
                 on_step(record)
-            if after_step is not None:
+            self.guard.raise_if_diverged()
+            if after_step is not None and self.guard.healthy:  # no checkpoint while a non-finite streak lasts
                 after_step()

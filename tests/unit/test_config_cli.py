@@ -57,6 +57,12 @@ def test_help_mentions_every_flag_and_field():
         assert flag in text
     assert "Expert-parallel degree" in text  # field docstrings become --help
     assert "75 stopped by SIGTERM or Ctrl-C after saving a checkpoint" in " ".join(text.split())
+    from moe_dist import exit_codes
+
+    codes = {exit_codes.USAGE, exit_codes.DIVERGED, exit_codes.INFRA, exit_codes.PREEMPTED, exit_codes.HUNG}
+    assert len(codes) == 5 and 1 not in codes and 0 not in codes  # distinct, none taken by Python's own 0 / 1
+    for code, meaning in exit_codes.MEANING.items():  # each one documented in --help
+        assert f"{code} {meaning}" in " ".join(text.split())
     assert "model.router_noise_std" in config_help_text()
 
 
