@@ -7,6 +7,8 @@ first on USAGE and DIVERGED. 1 stays Python's own: an unexpected exception, with
 
 from __future__ import annotations
 
+import errno
+
 OK = 0
 USAGE = 2  # a mistake in the command or its files: the `error:` line names it; fix and rerun
 DIVERGED = 3  # loss or gradient norm not finite for train.max_nonfinite_steps steps in a row; nothing saved from it
@@ -31,3 +33,17 @@ def help_text() -> str:
     """The exit codes, one sentence each, for ``--help``."""
     return "Exit codes: " + "; ".join(f"{code} {text}" for code, text in MEANING.items()) + \
         "; 1 an unexpected crash (a traceback)."
+
+
+class InfraError(RuntimeError):
+    """A fault of the machine, not the command (a save that could not be written, a checkpoint folder
+    that vanished, a token store cut short): the run exits with ``INFRA`` and one ``error:`` line."""
+
+
+# errno values that mean the storage failed us rather than the user: out of space or quota, read-only,
+# an I/O error, a file-size limit. Anything else (not a directory, permission denied) is a USAGE mistake.
+INFRA_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+def is_infra(e: OSError) -> bool:
+    return e.errno in INFRA_ERRNOS

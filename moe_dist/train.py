@@ -78,8 +78,9 @@ def _check_output_dir(path: str) -> None:
             pass
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"checkpoint.output_dir {path}: cannot write there ({e.strerror}); "
-                          "pass a writable --output-dir") from None
+        kind = exit_codes.InfraError if exit_codes.is_infra(e) else ConfigError  # read-only, full: the machine's
+        raise kind(f"checkpoint.output_dir {path}: cannot write there ({e.strerror}); "
+                   "pass a writable --output-dir") from None
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -113,11 +114,14 @@ def run(argv: Optional[list[str]] = None) -> int:
             return _train(cfg, args, held)
     except Diverged as e:  # every rank alike (judged from reduced values): rank 0 prints
         return _fail(str(e), exit_codes.DIVERGED)
+    except exit_codes.InfraError as e:  # a failed save (every rank alike), a store cut short (this rank)
+        return _fail(str(e), exit_codes.INFRA, every_rank=not isinstance(e, CheckpointError))
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         return _fail(str(e))
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
         where = f": {e.filename}" if e.filename else ""
-        return _fail(f"{e.strerror or e}{where}", every_rank=True)
+        return _fail(f"{e.strerror or e}{where}", exit_codes.INFRA if exit_codes.is_infra(e) else exit_codes.USAGE,
+                     every_rank=True)
     finally:
         shutdown()
 
@@ -235,7 +239,11 @@ def main() -> None:
     from moe_dist.parallel.launcher_guard import die_with_launcher
 
     die_with_launcher()  # first: an orphan of a dead torchrun/accelerate agent must not train or save
-    code = run()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # An exception nobody expected is written to torchelastic's error file, so the launcher's summary
+    # shows this rank's traceback as the root cause instead of "error_file: <N/A>".
+    code = record(run)()
     # DeepSpeed's ZeRO-3 (with or without offload) can abort in C++ static destructors at interpreter
     # exit ("terminate called without an active exception") even after the process group is destroyed,
     # turning a finished run into a crash. Everything is saved and flushed by now: leave directly.

@@ -35,7 +35,8 @@ from ..logging_utils import get_logger
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWriteError
+from .reasons import SHORT_WRITE, reason as _reason
 from .finite import MANIFEST_FIELD as FINITE_FIELD, first_nonfinite
 from .keys import FORMAT_VERSION
 from .manifest import config_hash, own_shard_entries, without_zip_crc32, write_manifest
@@ -46,7 +47,6 @@ from .dcp_state import EngineCheckpoint, read_saved_keys
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
 FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed) instead of dying
-SHORT_WRITE = "a shard file was written short (disk full, quota or file-size limit)"
 
 
 def fault_point(name: str, step: Optional[int] = None) -> None:
@@ -88,24 +88,6 @@ class _FaultingWriter(FileSystemWriter):
         fault_point("before_metadata", self.step)
         super().finish(metadata, results)
         fault_point("after_metadata", self.step)
-
-
-def _reason(e: BaseException) -> str:
-    """One line for an exception: OSErrors as their strerror and file, others by type and first line.
-
-    DCP raises a CheckpointException (a BaseException) on every rank, holding each failed rank's
-    (exception, traceback); report the rank and its exception, an OSError first (full disk, ...).
-    """
-    if isinstance(e, CheckpointException) and e.failures:
-        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in sorted(e.failures.items())}
-        rank, first = next(((r, x) for r, x in inner.items() if isinstance(x, OSError)), next(iter(inner.items())))
-        return f"rank {rank}: {_reason(first)}"
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    if "inline_container" in first_line and "unexpected pos" in first_line:  # torch.save's zip writer
-        return f"{SHORT_WRITE} ({first_line})"
-    return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
 
 
 def _engine_label(topo: dict[str, Any]) -> str:
@@ -189,6 +171,7 @@ class CheckpointManager:
             kept = self.last_saved_path.name if self.last_saved_path else "no checkpoint"
             self.log.warning(f"not saving checkpoint_step_{step}: {refused}; {kept} stays the newest")
             return self.last_saved_path
+        self._refuse_if_vanished(step)
         token = self._broadcast(f"{int(time.time())}-{os.getpid()}")
         tmp = layout.tmp_dir_for(self.root, step, token)
         final = self.root / layout.step_dir_name(step)
@@ -210,7 +193,8 @@ class CheckpointManager:
         writer = _FaultingWriter(str(tmp), step, sync_files=True)
         if self.writer is not None:
             self.writer.start(sd, writer, step,
-                              lambda e, own: self._publish(step, tmp, final, state, e, t0, stall, own),
+                              lambda e, own: self._publish(step, tmp, final, state, None if e is None else _reason(e),
+                                                           t0, stall, own),
                               after_write=lambda: own_shard_entries(tmp, self._group_rank()))
             stall = time.perf_counter() - t0  # read by the lambda when the write completes
             self.log.info(f"checkpoint_step_{step}: shards staged in {stall:.2f}s, writing in the background")
@@ -220,6 +204,19 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
             err = _reason(e)
         return self._publish(step, tmp, final, state, err, t0, time.perf_counter() - t0)
+
+    def _refuse_if_vanished(self, step: int) -> None:
+        """A checkpoint this run saved (or resumed) is gone, or its whole folder: say so rather than
+        recreate the folder and carry on as if nothing happened (collective)."""
+        gone = None
+        if self.rt.is_main and self.last_saved_path is not None and not self.last_saved_path.is_dir():
+            what = self.root if not self.root.is_dir() else self.last_saved_path
+            gone = (f"{what} vanished during the run (it held {self.last_saved_path.name}, saved or resumed by this "
+                    f"run); checkpoint_step_{step} was not saved and the folder not recreated: restore it, or "
+                    "rerun with --resume auto to continue from what is left")
+        gone = self._broadcast(gone)
+        if gone is not None:
+            raise CheckpointWriteError(gone)
 
     def _unfit_to_save(self) -> Optional[str]:
         """Why this state must not become a checkpoint (non-finite), or None; collective over the checkpoint group."""
@@ -275,8 +272,8 @@ class CheckpointManager:
             if self.rt.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = f"{self.last_saved_path.name} and {layout.LATEST}" if self.last_saved_path else "earlier checkpoints"
-            raise CheckpointError(f"saving checkpoint_step_{step} in {self.root} failed: {err}; nothing was "
-                                  f"published, {kept} are untouched")
+            raise CheckpointWriteError(f"saving checkpoint_step_{step} in {self.root} failed: {err}; nothing was "
+                                       f"published, {kept} are untouched")
         if self.rt.is_main:
             for removed in layout.prune(self.root, self.cfg.checkpoint.keep_last, protect=final):
                 self.log.info(f"pruned {removed.name}")
