@@ -79,6 +79,36 @@ def run_folder_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
 
 
+def problem_of(folder: Path) -> Optional[str]:
+    """Why ``--resume auto`` would pass over ``folder`` on its cheap checks (a missing file, a size that
+    differs from the manifest, a manifest recording non-finite values), or None: the completeness rule
+    ``moe-ckpt info`` shares with it (checksums are ``verify``'s job)."""
+    from .finite import check_manifest_finite
+    from .manifest import verify_manifest
+
+    try:
+        layout.require_complete(folder)
+        check_manifest_finite(folder, verify_manifest(folder, checksums=False))
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def newest_usable(folder: Path, spec: str) -> tuple[Path, list[str]]:
+    """For a PATH naming a run (or its ``checkpoints/``): the newest checkpoint ``--resume auto`` would take,
+    and the reasons it passed over newer ones. Any other PATH: ``folder`` itself."""
+    given = Path(spec)
+    if given.name == layout.LATEST or given.resolve() == folder.resolve() or folder.parent.name != "checkpoints":
+        return folder, []
+    skipped = []
+    for _, older in reversed(layout.complete_checkpoints(folder.parent)):
+        problem = problem_of(older)
+        if problem is None:
+            return older, skipped
+        skipped.append(problem)
+    return folder, skipped
+
+
 def info_report(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
     from ..run.lock import run_status
@@ -89,6 +119,7 @@ def info_report(folder: Path) -> dict[str, Any]:
     topo = state.get("topology", {})
     files = _files(folder)
     missing = layout.missing_parts(folder)
+    problem = problem_of(folder) if not missing else None
     return {
         "path": str(folder), "step": state.get("step"), "tokens": state.get("tokens"),
         "world_size": topo.get("world_size"), "engine": topo.get("engine", "deepspeed"),
@@ -96,7 +127,7 @@ def info_report(folder: Path) -> dict[str, Any]:
         "optimizer": topo.get("optimizer"), "bytes": sum(p.stat().st_size for p in files), "files": len(files),
         "saved_at": state.get("saved_at"), "torch": state.get("torch"), "preset": state.get("config", {}).get("preset"),
         **dict(zip(("model", "parameters"), _model_summary(_model_config(folder, state)))),
-        "complete": not missing, "missing": missing,
+        "complete": not missing and problem is None, "missing": missing, "problem": problem,
         "live": run_status(run_folder_of(folder)),  # the holder of the run folder's lock, or None
     }
 
@@ -175,7 +206,8 @@ def _print_info(info: dict[str, Any]) -> None:
         ("size on disk", f"{human_bytes(info['bytes'])} ({info['bytes']:,} bytes)"), ("files", num(info["files"])),
         ("saved at", num(info["saved_at"])), ("preset", num(info["preset"])), ("model", info["model"]),
         ("parameters", info["parameters"]),
-        ("complete", "yes" if info["complete"] else f"[red]no[/] (missing {', '.join(info['missing'])})"),
+        ("complete", "yes" if info["complete"] else
+         f"[red]no[/] ({'missing ' + ', '.join(info['missing']) if info['missing'] else info['problem']})"),
         ("live run", f"[bold]yes[/]: {describe_holder(info['live'])} (writing to this folder)" if info["live"]
          else "no"),
     ]
@@ -197,6 +229,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "info":
+            folder, skipped = newest_usable(folder, args.path)
+            for reason in skipped:  # as --resume auto words it
+                print(f"skipping a damaged checkpoint: {reason}", file=sys.stderr)
             _print_info(info_report(folder))
         else:
             from rich.console import Console

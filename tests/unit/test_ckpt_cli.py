@@ -192,6 +192,19 @@ def test_info_agrees_with_resume_auto_when_latest_lags(run, capsys):
     assert layout.resolve_resume("auto", str(run)) == root / "checkpoint_step_10"
 
 
+def test_info_and_resume_auto_agree_on_a_truncated_shard(run, capsys):
+    """The newest checkpoint has a shard cut short: info calls it incomplete, and for the run names the
+    one --resume auto takes (the same rule: sizes against the manifest)."""
+    folder = run / "checkpoints" / "checkpoint_step_10"
+    shard = _shard(folder)
+    os.truncate(shard, shard.stat().st_size - 3)
+    code, out, _ = cli(capsys, "info", str(folder))
+    assert code == 0 and "no (" in out and "truncated or modified copy" in " ".join(out.split())
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 0 and "checkpoint_step_5" in out and err.startswith("skipping a damaged checkpoint: ")
+    # --resume auto skipping a damaged newest checkpoint: tests/distributed/test_resume.py, test_crash_safety.py
+
+
 def test_help_and_console_script():
     proc = subprocess.run([sys.executable, "-m", "moe_dist.checkpoint.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
