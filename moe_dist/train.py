@@ -118,6 +118,14 @@ def run(argv: Optional[list[str]] = None) -> int:
         return _fail(str(e), exit_codes.INFRA, every_rank=not isinstance(e, CheckpointError))
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         return _fail(str(e))
+    except RuntimeError as e:  # a collective that timed out before the watchdog noticed: the same hang
+        from moe_dist.run import watchdog
+
+        watch = watchdog.active()
+        if watch is None or not watchdog.is_collective_timeout(e):
+            raise
+        watch.fire(f"a collective timed out ({(str(e).splitlines() or [''])[0][:200]})", e)  # exits HUNG
+        raise
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
         where = f": {e.filename}" if e.filename else ""
         return _fail(f"{e.strerror or e}{where}", exit_codes.INFRA if exit_codes.is_infra(e) else exit_codes.USAGE,
@@ -145,6 +153,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.parallel.runtime import build_engine, check_layout, init_runtime
     from moe_dist.run.folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run.lock import hold_run_folder
+    from moe_dist.run import watchdog
     from moe_dist.run.trainer import Trainer
     from moe_dist.run.ui import TrainUI
 
@@ -193,7 +202,11 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         run_artifacts.write_config(cfg, cfg.checkpoint.output_dir)
     trackers.start(rt.accelerator, cfg, report_to)
 
+    watch = watchdog.arm(cfg, rt, trainer, keep_groups=(ckpt.pg,))  # DCP's group keeps the init timeout
+    held.callback(watch.stop)
+
     def _on_step(record: dict[str, Any]) -> None:
+        watch.after_step()  # after the first: every other group on the train timeout
         ui.on_step(record)
         trackers.log(rt.accelerator, report_to, record)
 

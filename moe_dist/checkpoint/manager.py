@@ -46,7 +46,7 @@ from .dcp_state import EngineCheckpoint, read_saved_keys
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
-FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed) instead of dying
+FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed); "sigstop": SIGSTOP itself
 
 
 def fault_point(name: str, step: Optional[int] = None) -> None:
@@ -65,6 +65,10 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
     if at_step and step is not None and int(at_step) != step:
         return
     if target == name and (not rank or int(rank) == (dist.get_rank() if dist.is_initialized() else 0)):
+        if os.environ.get(FAULT_ACTION_ENV) == "sigstop":  # frozen whole, every thread: a wedged rank
+            print(f"[moe_dist] fault point {name}: stopping this process (SIGSTOP)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if os.environ.get(FAULT_ACTION_ENV) == "hang":
             print(f"[moe_dist] fault point {name}: holding here until killed", file=sys.stderr, flush=True)
             while True:

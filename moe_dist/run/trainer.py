@@ -70,6 +70,7 @@ class Trainer:
         # (see moe_dist.debug); None in normal runs.
         self.grad_probe: Optional[Callable[[Any, int], None]] = None
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.loss_spike_factor, get_logger().warning)
+        self.watch: Any = None  # the progress watchdog (run/watchdog.py): beat(phase, step, long) marks progress
         self.count_syncs = count_syncs_from_env()  # MOE_DIST_COUNT_SYNCS=1: host_syncs per step in the metrics
 
     # ------------------------------------------------------------------ one step
@@ -101,7 +102,9 @@ class Trainer:
         acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
         self.engine.train()
         first_micro = self.rt.rank * len(micro)  # index of this rank's first micro-batch in the global batch
+        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
         for i, idx in enumerate(micro):
+            beat(f"forward/backward of micro-batch {i + 1}/{len(micro)}", step + 1)
             torch.manual_seed(micro_seed(self.cfg.train.seed, step, first_micro + i))
             block = self.data.train_blocks[idx].to(self.rt.device)
             inputs, targets = block[:, :-1], block[:, 1:]
@@ -111,9 +114,12 @@ class Trainer:
             self.engine.backward(loss)
             if i == len(micro) - 1 and self.grad_probe is not None:
                 self.grad_probe(self.engine, step)  # reduced grads exist between the last backward and step
+            if i == len(micro) - 1:
+                beat("optimizer step (gradient reduction, norm, update)", step + 1)
             self.engine.step()
             counts, dropped = self._moe_stats()
             acc.add(ce, aux, logits, targets, counts, dropped)
+        beat("metrics all-reduce", step + 1)
         grad_norm = self.engine.grad_norm()
         stats = acc.reduce(grad_nonfinite=grad_norm is not None and not math.isfinite(grad_norm))
         self.state.step += 1
@@ -162,9 +168,11 @@ class Trainer:
             after_step: Optional[Callable[[], None]] = None) -> None:
         """Train until ``train.max_steps``; ``after_step`` runs checkpointing, ``should_stop`` signals."""
         every = self.cfg.train.eval_every
-        while self.state.step < self.cfg.train.max_steps and not should_stop():
+        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
+        while self.state.step < self.cfg.train.max_steps and (beat("stop vote", self.state.step + 1) or not should_stop()):
             record = self.train_step()
             if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.max_steps):
+                beat("validation", self.state.step, long=True)
                 record["val_loss"] = self.evaluate()
             if self.rt.is_main:
                 self.metrics.write(record)
@@ -172,4 +180,5 @@ class Trainer:
                 on_step(record)
             self.guard.raise_if_diverged()
             if after_step is not None and self.guard.healthy:  # no checkpoint while a non-finite streak lasts
+                beat("checkpoint", self.state.step, long=True)
                 after_step()
