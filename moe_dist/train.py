@@ -257,6 +257,7 @@ def main() -> None:
     # An exception nobody expected is written to torchelastic's error file, so the launcher's summary
     # shows this rank's traceback as the root cause instead of "error_file: <N/A>".
     code = record(run)()
+    code = 0 if code is None else code  # record turns argparse's SystemExit(0) (--help) into None
     # DeepSpeed's ZeRO-3 (with or without offload) can abort in C++ static destructors at interpreter
     # exit ("terminate called without an active exception") even after the process group is destroyed,
     # turning a finished run into a crash. Everything is saved and flushed by now: leave directly.
