@@ -38,6 +38,8 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--zero-stage": ("parallel.zero_stage", {"type": int, "choices": [1, 2, 3]}),
     "--ep-size": ("parallel.ep_size", {"type": int}),
     "--capacity-factor": ("parallel.capacity_factor", {"type": float}),
+    "--init-timeout": ("parallel.init_timeout_s", {"type": float, "metavar": "SECONDS"}),
+    "--train-timeout": ("parallel.train_timeout_s", {"type": float, "metavar": "SECONDS"}),
     "--data-files": ("data.data_files", {"nargs": "+"}),
     "--dataset": ("data.dataset", {}),
     "--tokenizer": ("data.tokenizer", {}),

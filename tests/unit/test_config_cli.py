@@ -53,7 +53,8 @@ def test_cli_flags_win_over_set():
 def test_help_mentions_every_flag_and_field():
     text = build_parser().format_help()
     for flag in ("--preset", "--set", "--max-steps", "--output-dir", "--zero-stage", "--ep-size", "--resume",
-                 "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params"):
+                 "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params", "--init-timeout",
+                 "--train-timeout"):
         assert flag in text
     assert "Expert-parallel degree" in text  # field docstrings become --help
     assert "75 stopped by SIGTERM or Ctrl-C after saving a checkpoint" in " ".join(text.split())
