@@ -231,6 +231,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")
                  + (f", weights from {init_from}" if init_from and not resumed_from else ""))
         trainer.fit(on_step=_on_step, after_step=ckpt.after_step, should_stop=_should_stop)
+        watch.beat("final checkpoint", trainer.state.step, long=True)  # a save may outlast a step's limit
         saved = ckpt.finish(interrupted=False)  # a stop by signal is reported in one line below
         dump_probe_logits_from_env(engine, data, rt.rank)
         trackers.finish(rt.accelerator, report_to)
