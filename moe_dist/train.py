@@ -109,13 +109,15 @@ def run(argv: Optional[list[str]] = None) -> int:
     from moe_dist.run.guard import Diverged
     from moe_dist.run.lock import RunFolderBusy
 
+    alone = False  # a fault of this rank only: no barrier on the way out (its peers wait elsewhere)
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
             return _train(cfg, args, held)
     except Diverged as e:  # every rank alike (judged from reduced values): rank 0 prints
         return _fail(str(e), exit_codes.DIVERGED)
     except exit_codes.InfraError as e:  # a failed save (every rank alike), a store cut short (this rank)
-        return _fail(str(e), exit_codes.INFRA, every_rank=not isinstance(e, CheckpointError))
+        alone = not isinstance(e, CheckpointError)
+        return _fail(str(e), exit_codes.INFRA, every_rank=alone)
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         return _fail(str(e))
     except RuntimeError as e:  # a collective that timed out before the watchdog noticed: the same hang
@@ -128,10 +130,11 @@ def run(argv: Optional[list[str]] = None) -> int:
         raise
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
         where = f": {e.filename}" if e.filename else ""
+        alone = True
         return _fail(f"{e.strerror or e}{where}", exit_codes.INFRA if exit_codes.is_infra(e) else exit_codes.USAGE,
                      every_rank=True)
     finally:
-        shutdown()
+        shutdown(barrier=not alone)
 
 
 def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
