@@ -10,13 +10,15 @@ ranks that stopped answering, and ends the process with ``exit_codes.HUNG``. The
 stops the other ranks, and ``--resume auto`` continues from the newest checkpoint.
 
 Which ranks stopped answering: a second thread writes this rank's heartbeat (time, step, phase)
-to the process group's key-value store every second. A rank stopped by SIGSTOP, or wedged in C++
+to the process group's key-value store every second (less often past 200 ranks, so the store sees
+at most 200 writes a second). A rank stopped by SIGSTOP, or wedged in C++
 with the GIL held, stops writing; a rank merely waiting in a collective keeps writing. Store reads
 when firing are bounded (the store's host may be the stalled one), so the watchdog itself never hangs.
 """
 
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import os
 import sys
@@ -27,7 +29,8 @@ from typing import Any, Optional
 from .. import exit_codes
 
 POLL_S = 1.0
-STALE_S = 5.0  # a heartbeat older than this (plus the poll) means that rank stopped answering
+STALE_BEATS = 5  # a heartbeat older than this many intervals means that rank stopped answering
+HEARTBEATS_PER_S = 200  # at most, over all ranks, on the one store: 1 s apart up to 200 ranks, then wider
 STORE_WAIT_S = 3.0
 _KEY = "moe_dist/heartbeat/"
 _active: Optional["Watchdog"] = None
@@ -45,6 +48,7 @@ class Watchdog:
         self.phase, self.step, self.long, self.since = "start-up", 0, True, time.monotonic()
         self.training = False  # until the first step is done every phase has the long limit
         self.keep_groups: tuple = ()
+        self.heartbeat_s = max(POLL_S, world / HEARTBEATS_PER_S)
         self._stop = threading.Event()
         self._fired = threading.Lock()
 
@@ -84,25 +88,39 @@ class Watchdog:
                 self.fire(f"no progress for {stalled:.0f} s")
 
     def _heartbeat(self) -> None:
-        while self.store is not None and not self._stop.wait(POLL_S):
+        while self.store is not None and not self._stop.wait(self.heartbeat_s):
             try:
                 self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {self.step} {self.phase}")
             except Exception:  # noqa: BLE001 - the store's host has gone: the watchdog reports the stall
                 return
 
     def _peers(self) -> dict[int, Optional[tuple[float, str]]]:
-        """{rank: (seconds since its last heartbeat, "step N: phase")}, None where it could not be read in time."""
+        """{rank: (seconds since its last heartbeat, "step N: phase")}; None where none could be read in time."""
         found: dict[int, Optional[tuple[float, str]]] = {r: None for r in range(self.world) if r != self.rank}
 
+        def parse(r: int, raw: bytes) -> None:
+            stamp, step, phase = raw.decode().split(" ", 2)
+            found[r] = (time.time() - float(stamp), f"step {step}: {phase}")
+
         def read() -> None:
-            for r in found:
+            ranks = list(found)
+            try:  # one round trip where the store can (TCPStore), else one per rank
+                for r, raw in zip(ranks, self.store.multi_get([f"{_KEY}{r}" for r in ranks])):
+                    parse(r, raw)
+                return
+            except Exception:  # noqa: BLE001 - a key never written fails the whole multi_get
+                pass
+            for r in ranks:
                 try:
-                    stamp, step, phase = self.store.get(f"{_KEY}{r}").decode().split(" ", 2)
-                    found[r] = (time.time() - float(stamp), f"step {step}: {phase}")
+                    parse(r, self.store.get(f"{_KEY}{r}"))
                 except Exception:  # noqa: BLE001 - never written, or the store is unreachable
                     pass
 
         if self.store is not None:
+            try:  # a key never written would block a read for the store's whole timeout; we are exiting
+                self.store.set_timeout(datetime.timedelta(seconds=STORE_WAIT_S))
+            except Exception:  # noqa: BLE001 - a store without settable timeout: the join below still bounds it
+                pass
             reader = threading.Thread(target=read, daemon=True)
             reader.start()
             reader.join(STORE_WAIT_S)
@@ -114,7 +132,7 @@ class Watchdog:
         if not self._fired.acquire(blocking=False):
             return
         peers = self._peers()
-        silent = [r for r, p in peers.items() if p is None or p[0] > STALE_S + POLL_S]
+        silent = [r for r, p in peers.items() if p is None or p[0] > STALE_BEATS * self.heartbeat_s]
         where = f"step {self.step}: {self.phase}" if self.step else self.phase
         path = os.path.join(self.output_dir, f"hang-{self.rank}.txt")
         try:
@@ -132,8 +150,8 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as e:
             path = f"(not written: {e.strerror})"
-        who = (f"ranks that stopped answering: {', '.join(map(str, silent))}" if silent
-               else "every other rank still answers (waiting too)")
+        shown = ", ".join(map(str, silent[:16])) + (f" and {len(silent) - 16} more" if len(silent) > 16 else "")
+        who = f"ranks that stopped answering: {shown}" if silent else "every other rank still answers (waiting too)"
         print(f"error: rank {self.rank} hung: {why} in phase '{where}' (parallel.train_timeout_s="
               f"{self.train_limit_s:g}); {who}; stacks in {path}; rerun with --resume auto (exit code "
               f"{exit_codes.HUNG})", file=sys.stderr, flush=True)
