@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,18 @@ def test_watchdog_fires_writes_the_hang_file_and_exits_hung(tmp_path):
     text = (tmp_path / "hang-0.txt").read_text()
     assert text.startswith("rank 0 of 1: no progress for ")
     assert "stacks of every thread of this rank:" in text and 'File "<string>", line 6' in text  # the sleeping main
+
+
+def test_flight_recorder_env_only_on_gpu_and_never_over_the_users(monkeypatch, tmp_path):
+    from moe_dist.parallel.timeouts import enable_flight_recorder, flight_recorder_env
+
+    env = flight_recorder_env(str(tmp_path))
+    for key in env:
+        monkeypatch.delenv(key, raising=False)
+    enable_flight_recorder(str(tmp_path), on_gpu=False)
+    assert not any(key in os.environ for key in env)  # gloo: nothing to record
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "17")
+    enable_flight_recorder(str(tmp_path), on_gpu=True)
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "17"  # the user's value is kept
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_trace_rank_")  # monkeypatch restores all
