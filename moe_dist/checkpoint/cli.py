@@ -4,14 +4,14 @@
 
     moe-ckpt info runs/r                                      # the run's newest complete checkpoint
     moe-ckpt info runs/r/checkpoints/checkpoint_step_500
-    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, expert audit
+    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, NaN/inf, expert audit
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
 or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes);
 the rule is ``layout.find_checkpoint``, shared with ``--resume`` and ``moe-consolidate``.
 
-Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt or fails the expert audit;
+Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt, holds NaN/inf or fails the expert audit;
 2 PATH is not a checkpoint (missing, a plain folder, a run with no complete checkpoint).
 Problems are one line on stderr, starting with ``error:``.
 """
