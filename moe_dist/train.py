@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch moe_dist/
 from contextlib import ExitStack  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-# Exit code of a run stopped by SIGTERM / SIGINT after saving its checkpoint: EX_TEMPFAIL of
-# sysexits.h, "try again later". A job script reads it as "preempted, saved: rerun with --resume auto".
-PREEMPTED_EXIT_CODE = 75
+from moe_dist import exit_codes  # noqa: E402 - every exit status, documented there
+
+PREEMPTED_EXIT_CODE = exit_codes.PREEMPTED
 
 
 # How long a rank other than 0 waits before it reports a start-up error and exits. Launchers
@@ -81,8 +81,9 @@ def _check_output_dir(path: str) -> None:
             pass
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"checkpoint.output_dir {path}: cannot write there ({e.strerror}); "
-                          "pass a writable --output-dir") from None
+        kind = exit_codes.InfraError if exit_codes.is_infra(e) else ConfigError  # read-only, full: the machine's
+        raise kind(f"checkpoint.output_dir {path}: cannot write there ({e.strerror}); "
+                   "pass a writable --output-dir") from None
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -122,21 +123,38 @@ def run(argv: Optional[list[str]] = None) -> int:
     if threads:
         print(threads, flush=True)
     from moe_dist.parallel.runtime import shutdown
+    from moe_dist.run.guard import Diverged
     from moe_dist.run.lock import RunFolderBusy
 
     fresh = not os.path.exists(cfg.checkpoint.output_dir)
+    alone = False  # a fault of this rank only: no barrier on the way out (its peers wait elsewhere)
     try:
         with ExitStack() as held:  # the run folder's lock, released before the process group goes
             return _train(cfg, args, held)
+    except Diverged as e:  # every rank alike (judged from reduced values): rank 0 prints
+        return _fail(str(e), exit_codes.DIVERGED)
+    except exit_codes.InfraError as e:  # a failed save (every rank alike), a store cut short (this rank)
+        alone = not isinstance(e, CheckpointError)
+        return _fail(str(e), exit_codes.INFRA, every_rank=alone)
     except (ConfigError, DataError, CheckpointError, RunFolderBusy) as e:
         remove_if_left_empty(cfg.checkpoint.output_dir, fresh)  # a refused start leaves no empty run folder
         return _fail(str(e))
+    except RuntimeError as e:  # a collective that timed out before the watchdog noticed: the same hang
+        from moe_dist.run import watchdog
+
+        watch = watchdog.active()
+        if watch is None or not watchdog.is_collective_timeout(e):
+            raise
+        watch.fire(f"a collective timed out ({(str(e).splitlines() or [''])[0][:200]})", e)  # exits HUNG
+        raise
     except OSError as e:  # the machine, not the code: a full disk, a file removed under us
         remove_if_left_empty(cfg.checkpoint.output_dir, fresh)
         where = f": {e.filename}" if e.filename else ""
-        return _fail(f"{e.strerror or e}{where}", every_rank=True)
+        alone = True
+        return _fail(f"{e.strerror or e}{where}", exit_codes.INFRA if exit_codes.is_infra(e) else exit_codes.USAGE,
+                     every_rank=True)
     finally:
-        shutdown()
+        shutdown(barrier=not alone)
 
 
 def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
@@ -158,6 +176,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.run.folder import check_fresh_start, set_aside_later_checkpoints
     from moe_dist.run.lock import hold_run_folder
+    from moe_dist.run import watchdog
     from moe_dist.run.trainer import Trainer
     from moe_dist.run.ui import TrainUI
 
@@ -205,7 +224,11 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
         run_artifacts.write_config(cfg, cfg.checkpoint.output_dir)
     trackers.start(rt.accelerator, cfg, report_to)
 
+    watch = watchdog.arm(cfg, rt, trainer, keep_groups=(ckpt.pg,))  # DCP's group keeps the init timeout
+    held.callback(watch.stop)
+
     def _on_step(record: dict[str, Any]) -> None:
+        watch.after_step()  # after the first: every other group on the train timeout
         ui.on_step(record)
         trackers.log(rt.accelerator, report_to, record)
 
@@ -230,6 +253,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
                  + (f", resumed from {resumed_from} at step {trainer.state.step}" if resumed_from else "")
                  + (f", weights from {init_from}" if init_from and not resumed_from else ""))
         trainer.fit(on_step=_on_step, after_step=ckpt.after_step, should_stop=_should_stop)
+        watch.beat("final checkpoint", trainer.state.step, long=True)  # a save may outlast a step's limit
         saved = ckpt.finish(interrupted=False)  # a stop by signal is reported in one line below
         dump_probe_logits_from_env(engine, data, rt.rank)
         trackers.finish(rt.accelerator, report_to)
@@ -251,7 +275,12 @@ def main() -> None:
     from moe_dist.parallel.launcher_guard import die_with_launcher
 
     die_with_launcher()  # first: an orphan of a dead torchrun/accelerate agent must not train or save
-    code = run()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # An exception nobody expected is written to torchelastic's error file, so the launcher's summary
+    # shows this rank's traceback as the root cause instead of "error_file: <N/A>".
+    code = record(run)()
+    code = 0 if code is None else code  # record turns argparse's SystemExit(0) (--help) into None
     # DeepSpeed's ZeRO-3 (with or without offload) can abort in C++ static destructors at interpreter
     # exit ("terminate called without an active exception") even after the process group is destroyed,
     # turning a finished run into a crash. Everything is saved and flushed by now: leave directly.

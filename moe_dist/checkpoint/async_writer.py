@@ -97,7 +97,7 @@ def _then(fut: Any, fn: Optional[Callable[[], Any]]) -> concurrent.futures.Futur
 class PendingSave:
     future: Any
     step: int
-    on_complete: Callable[[Optional[str]], Any]
+    on_complete: Callable[[Optional[BaseException], Any], Any]
 
 
 class AsyncCheckpointWriter:
@@ -106,12 +106,12 @@ class AsyncCheckpointWriter:
         self.pending: Optional[PendingSave] = None
 
     def start(self, state_dict: dict[str, Any], storage_writer: Any, step: int,
-              on_complete: Callable[[Optional[str], Any], Any],
+              on_complete: Callable[[Optional[BaseException], Any], Any],
               after_write: Optional[Callable[[], Any]] = None) -> None:
         """Copy the state (the only blocking part), then write it in the background.
 
         ``after_write()`` runs on the writer thread once this rank's shards are written (hashing
-        them for the manifest, off the training thread). ``on_complete(error_or_None, its result)``
+        them for the manifest, off the training thread). ``on_complete(exception_or_None, its result)``
         runs on every rank when the write is over (from ``poll``/``wait``, in the training thread):
         it publishes the checkpoint or raises.
         """
@@ -148,6 +148,7 @@ class AsyncCheckpointWriter:
         try:
             result = pending.future.result()
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a write error (disk full...) on this
-            # rank; every rank hears of it. DCP's CheckpointException derives from BaseException.
-            err = f"{e.__class__.__name__}: {e}".splitlines()[0]
+            # rank; every rank hears of it. DCP's CheckpointException derives from BaseException. The
+            # manager words it (the short write, the free space), as for a synchronous save.
+            err = e
         pending.on_complete(err, result)

@@ -4,14 +4,14 @@
 
     moe-ckpt info runs/r                                      # the run's newest complete checkpoint
     moe-ckpt info runs/r/checkpoints/checkpoint_step_500
-    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, expert audit
+    moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, NaN/inf, expert audit
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
 or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes);
 the rule is ``layout.find_checkpoint``, shared with ``--resume`` and ``moe-consolidate``.
 
-Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt or fails the expert audit;
+Exit codes: 0 fine; 1 the checkpoint is incomplete, corrupt, holds NaN/inf or fails the expert audit;
 2 PATH is not a checkpoint (missing, a plain folder, a run with no complete checkpoint).
 Problems are one line on stderr, starting with ``error:``.
 """
@@ -81,6 +81,36 @@ def run_folder_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
 
 
+def problem_of(folder: Path) -> Optional[str]:
+    """Why ``--resume auto`` would pass over ``folder`` on its cheap checks (a missing file, a size that
+    differs from the manifest, a manifest recording non-finite values), or None: the completeness rule
+    ``moe-ckpt info`` shares with it (checksums are ``verify``'s job)."""
+    from .finite import check_manifest_finite
+    from .manifest import verify_manifest
+
+    try:
+        layout.require_complete(folder)
+        check_manifest_finite(folder, verify_manifest(folder, checksums=False))
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def newest_usable(folder: Path, spec: str) -> tuple[Path, list[str]]:
+    """For a PATH naming a run (or its ``checkpoints/``): the newest checkpoint ``--resume auto`` would take,
+    and the reasons it passed over newer ones. Any other PATH: ``folder`` itself."""
+    given = Path(spec)
+    if given.name == layout.LATEST or given.resolve() == folder.resolve() or folder.parent.name != "checkpoints":
+        return folder, []
+    skipped = []
+    for _, older in reversed(layout.complete_checkpoints(folder.parent)):
+        problem = problem_of(older)
+        if problem is None:
+            return older, skipped
+        skipped.append(problem)
+    return folder, skipped
+
+
 def info_report(folder: Path) -> dict[str, Any]:
     """What ``moe-ckpt info`` shows, as a dict (raises CheckpointError without train_state.json)."""
     from ..run.lock import run_status
@@ -91,6 +121,7 @@ def info_report(folder: Path) -> dict[str, Any]:
     topo = state.get("topology", {})
     files = _files(folder)
     missing = layout.missing_parts(folder)
+    problem = problem_of(folder) if not missing else None
     return {
         "path": str(folder), "step": state.get("step"), "tokens": state.get("tokens"),
         "world_size": topo.get("world_size"), "engine": topo.get("engine", "deepspeed"),
@@ -98,7 +129,7 @@ def info_report(folder: Path) -> dict[str, Any]:
         "optimizer": topo.get("optimizer"), "bytes": sum(p.stat().st_size for p in files), "files": len(files),
         "saved_at": state.get("saved_at"), "torch": state.get("torch"), "preset": state.get("config", {}).get("preset"),
         **dict(zip(("model", "parameters"), _model_summary(_model_config(folder, state)))),
-        "complete": not missing, "missing": missing,
+        "complete": not missing and problem is None, "missing": missing, "problem": problem,
         "live": run_status(run_folder_of(folder)),  # the holder of the run folder's lock, or None
     }
 
@@ -108,8 +139,11 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     from .audit import audit_experts
     from .manifest import HASH_NAME, verify_manifest
 
+    from .finite import check_manifest_finite, scan_folder
+
     layout.require_complete(folder)
     manifest = verify_manifest(folder, checksums=checksums)
+    check_manifest_finite(folder, manifest)
     state = _read_json(folder / layout.TRAIN_STATE)
     if manifest.get("step") is not None and manifest.get("step") != state.get("step"):
         raise CheckpointError(f"{folder}: manifest says step {manifest['step']}, {layout.TRAIN_STATE} says "
@@ -122,11 +156,15 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> str:
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata (only possible with --no-checksums)
         raise CheckpointError(f"{folder / layout.DCP_METADATA}: unreadable DCP metadata "
                               f"({e.__class__.__name__}: {e})") from None
+    if checksums:  # every byte is read anyway: read every tensor too
+        scan_folder(folder)
     files = _files(folder)  # what info counts: the listed files and manifest.json
     size = sum(p.stat().st_size for p in files)
-    what = f"sizes and checksums ({HASH_NAME})" if checksums else "sizes (checksums skipped)"
+    what = (f"sizes and checksums ({HASH_NAME}) match the manifest, every tensor finite" if checksums
+            else "sizes match the manifest (checksums and finiteness scan skipped)")
     return (f"OK {folder}: step {state.get('step')}, {len(files)} files, {human_bytes(size)} (as moe-ckpt info counts "
-            f"them, manifest.json included); {what} match the manifest; {mc.num_experts} experts x {audit['layers']} layers each saved exactly once")
+            f"them, manifest.json included); {what}; {mc.num_experts} experts x {audit['layers']} layers each saved "
+            "exactly once")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -138,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{info,verify}")
     info = sub.add_parser("info", help="Step, tokens, topology, optimizer, size, saved_at and model of a checkpoint.")
     info.add_argument("path", metavar="PATH")
-    ver = sub.add_parser("verify", help="Check every file against manifest.json and audit the experts; prints OK "
-                                        "or the one-line problem.")
+    ver = sub.add_parser("verify", help="Check every file against manifest.json, every tensor for NaN/inf and "
+                                        "audit the experts; prints OK or the one-line problem.")
     ver.add_argument("path", metavar="PATH")
     ver.add_argument("--no-checksums", action="store_true",
-                     help="Check file sizes only, not checksums (fast; misses flipped bits).")
+                     help="Check file sizes only, not checksums or finiteness (fast; misses flipped bits).")
     return p
 
 
@@ -171,7 +209,8 @@ def _print_info(info: dict[str, Any]) -> None:
         ("size on disk", f"{human_bytes(info['bytes'])} ({info['bytes']:,} bytes)"), ("files", num(info["files"])),
         ("saved at", num(info["saved_at"])), ("preset", num(info["preset"])), ("model", info["model"]),
         ("parameters", info["parameters"]),
-        ("complete", "yes" if info["complete"] else f"[red]no[/] (missing {', '.join(info['missing'])})"),
+        ("complete", "yes" if info["complete"] else
+         f"[red]no[/] ({'missing ' + ', '.join(info['missing']) if info['missing'] else info['problem']})"),
         ("live run", f"[bold]yes[/]: {describe_holder(info['live'])} (writing to this folder)" if info["live"]
          else "no"),
     ]
@@ -193,6 +232,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "info":
+            folder, skipped = newest_usable(folder, args.path)
+            for reason in skipped:  # as --resume auto words it
+                print(f"skipping a damaged checkpoint: {reason}", file=sys.stderr)
             _print_info(info_report(folder))
         else:
             from rich.console import Console

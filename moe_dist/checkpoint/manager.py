@@ -35,7 +35,9 @@ from ..logging_utils import get_logger
 from . import layout
 from .async_writer import AsyncCheckpointWriter
 from .audit import audit_experts
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWriteError
+from .reasons import SHORT_WRITE, reason as _reason
+from .finite import MANIFEST_FIELD as FINITE_FIELD, first_nonfinite
 from .keys import FORMAT_VERSION
 from .manifest import config_hash, own_shard_entries, without_zip_crc32, write_manifest
 from .reader import CheckpointReader, read_train_state
@@ -44,8 +46,7 @@ from .dcp_state import EngineCheckpoint, read_saved_keys
 
 FAULT_ENV = "MOE_DIST_FAULT"  # test hook: kill this process (SIGKILL) at a named point of a save
 FAULT_STEP_ENV = "MOE_DIST_FAULT_STEP"  # ... only at this optimizer step
-FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed) instead of dying
-SHORT_WRITE = "a shard file was written short (disk full, quota or file-size limit)"
+FAULT_ACTION_ENV = "MOE_DIST_FAULT_ACTION"  # "hang": stop there (until killed); "sigstop": SIGSTOP itself
 
 
 def fault_point(name: str, step: Optional[int] = None) -> None:
@@ -64,6 +65,10 @@ def fault_point(name: str, step: Optional[int] = None) -> None:
     if at_step and step is not None and int(at_step) != step:
         return
     if target == name and (not rank or int(rank) == (dist.get_rank() if dist.is_initialized() else 0)):
+        if os.environ.get(FAULT_ACTION_ENV) == "sigstop":  # frozen whole, every thread: a wedged rank
+            print(f"[moe_dist] fault point {name}: stopping this process (SIGSTOP)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if os.environ.get(FAULT_ACTION_ENV) == "hang":
             print(f"[moe_dist] fault point {name}: holding here until killed", file=sys.stderr, flush=True)
             while True:
@@ -87,24 +92,6 @@ class _FaultingWriter(FileSystemWriter):
         fault_point("before_metadata", self.step)
         super().finish(metadata, results)
         fault_point("after_metadata", self.step)
-
-
-def _reason(e: BaseException) -> str:
-    """One line for an exception: OSErrors as their strerror and file, others by type and first line.
-
-    DCP raises a CheckpointException (a BaseException) on every rank, holding each failed rank's
-    (exception, traceback); report the rank and its exception, an OSError first (full disk, ...).
-    """
-    if isinstance(e, CheckpointException) and e.failures:
-        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in sorted(e.failures.items())}
-        rank, first = next(((r, x) for r, x in inner.items() if isinstance(x, OSError)), next(iter(inner.items())))
-        return f"rank {rank}: {_reason(first)}"
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    if "inline_container" in first_line and "unexpected pos" in first_line:  # torch.save's zip writer
-        return f"{SHORT_WRITE} ({first_line})"
-    return f"{e.__class__.__name__}: {first_line}" if first_line else e.__class__.__name__
 
 
 def _engine_label(topo: dict[str, Any]) -> str:
@@ -183,6 +170,12 @@ class CheckpointManager:
             self.writer.wait()  # at most one save in flight
         step = self.trainer.state.step
         t0 = time.perf_counter()
+        refused = self._unfit_to_save()
+        if refused is not None:
+            kept = self.last_saved_path.name if self.last_saved_path else "no checkpoint"
+            self.log.warning(f"not saving checkpoint_step_{step}: {refused}; {kept} stays the newest")
+            return self.last_saved_path
+        self._refuse_if_vanished(step)
         token = self._broadcast(f"{int(time.time())}-{os.getpid()}")
         tmp = layout.tmp_dir_for(self.root, step, token)
         final = self.root / layout.step_dir_name(step)
@@ -204,7 +197,8 @@ class CheckpointManager:
         writer = _FaultingWriter(str(tmp), step, sync_files=True)
         if self.writer is not None:
             self.writer.start(sd, writer, step,
-                              lambda e, own: self._publish(step, tmp, final, state, e, t0, stall, own),
+                              lambda e, own: self._publish(step, tmp, final, state, None if e is None else _reason(e),
+                                                           t0, stall, own),
                               after_write=lambda: own_shard_entries(tmp, self._group_rank()))
             stall = time.perf_counter() - t0  # read by the lambda when the write completes
             self.log.info(f"checkpoint_step_{step}: shards staged in {stall:.2f}s, writing in the background")
@@ -214,6 +208,27 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
             err = _reason(e)
         return self._publish(step, tmp, final, state, err, t0, time.perf_counter() - t0)
+
+    def _refuse_if_vanished(self, step: int) -> None:
+        """A checkpoint this run saved (or resumed) is gone, or its whole folder: say so rather than
+        recreate the folder and carry on as if nothing happened (collective)."""
+        gone = None
+        if self.rt.is_main and self.last_saved_path is not None and not self.last_saved_path.is_dir():
+            what = self.root if not self.root.is_dir() else self.last_saved_path
+            gone = (f"{what} vanished during the run (it held {self.last_saved_path.name}, saved or resumed by this "
+                    f"run); checkpoint_step_{step} was not saved and the folder not recreated: restore it, or "
+                    "rerun with --resume auto to continue from what is left")
+        gone = self._broadcast(gone)
+        if gone is not None:
+            raise CheckpointWriteError(gone)
+
+    def _unfit_to_save(self) -> Optional[str]:
+        """Why this state must not become a checkpoint (non-finite), or None; collective over the checkpoint group."""
+        guard = getattr(self.trainer, "guard", None)
+        if guard is not None and not guard.healthy:  # every rank alike: judged from reduced values
+            return f"the last {guard.streak} step(s) had a non-finite loss or gradient norm"
+        bad = first_nonfinite(self.engine.checkpoint_fragments(), self.pg)
+        return f"non-finite values (NaN or inf) in {bad}" if bad is not None else None
 
     def _group_rank(self) -> int:
         """This rank's index in the checkpoint group: DCP names its shard files after it."""
@@ -241,7 +256,8 @@ class CheckpointManager:
                 layout.write_file_atomic(tmp / layout.TRAIN_STATE, json.dumps(state, indent=1).encode())
                 audit_experts(tmp, self.cfg.model)
                 write_manifest(tmp, {"step": step, "tokens": state["tokens"], "topology": state["topology"],
-                                     "model_config_hash": config_hash(state["config"]["model"])},
+                                     "model_config_hash": config_hash(state["config"]["model"]),
+                                     FINITE_FIELD: True},  # scanned in save() before writing
                                precomputed=hashed)
                 fault_point("before_publish", step)
                 layout.publish(tmp, final, between_renames=lambda: fault_point("between_renames", step))
@@ -260,8 +276,8 @@ class CheckpointManager:
             if self.rt.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = f"{self.last_saved_path.name} and {layout.LATEST}" if self.last_saved_path else "earlier checkpoints"
-            raise CheckpointError(f"saving checkpoint_step_{step} in {self.root} failed: {err}; nothing was "
-                                  f"published, {kept} are untouched")
+            raise CheckpointWriteError(f"saving checkpoint_step_{step} in {self.root} failed: {err}; nothing was "
+                                       f"published, {kept} are untouched")
         if self.rt.is_main:
             for removed in layout.prune(self.root, self.cfg.checkpoint.keep_last, protect=final):
                 self.log.info(f"pruned {removed.name}")
@@ -306,25 +322,39 @@ class CheckpointManager:
         if unfinished:
             self.log.info(f"ignoring {len(unfinished)} unfinished save(s) ({', '.join(p.name for p in unfinished)}), "
                           "left by an interrupted run; they are removed at the next save")
-        choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
         if self.rt.is_main:
-            try:
-                for line in layout.finish_interrupted_publish(self.root):
-                    self.log.warning(line)
-                path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning)
-                choice = (str(path) if path is not None else None, None)
-            except CheckpointError as e:
-                choice = (None, str(e))
-            except OSError as e:
-                choice = (None, f"cannot read the checkpoint ({_reason(e)})")
-        found, err = self._broadcast(choice)
-        if err:
-            raise CheckpointError(err)
-        if found is None:
-            self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
-            return None
-        self.load(Path(found))
-        return Path(found)
+            for line in layout.finish_interrupted_publish(self.root):
+                self.log.warning(line)
+        exclude: list[Path] = []  # loaded, found non-finite: --resume auto falls back past them
+        while True:
+            choice: tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
+            if self.rt.is_main:
+                try:
+                    path = choose_resume(self.cfg, checksums=self.cfg.checkpoint.verify, warn=self.log.warning,
+                                         exclude=exclude)
+                    choice = (str(path) if path is not None else None, None)
+                except CheckpointError as e:
+                    choice = (None, str(e))
+                except OSError as e:
+                    choice = (None, f"cannot read the checkpoint ({_reason(e)})")
+            found, err = self._broadcast(choice)
+            if err:
+                raise CheckpointError(err)
+            if found is None and exclude:
+                raise CheckpointError(f"--resume auto: every checkpoint under {self.root} holds non-finite values "
+                                      f"({', '.join(p.name for p in exclude)}); start a new run")
+            if found is None:
+                self.log.info(f"--resume auto: no complete checkpoint under {self.root}; starting fresh")
+                return None
+            self.load(Path(found))
+            bad = first_nonfinite(self.engine.checkpoint_fragments(), self.pg)
+            if bad is None:
+                return Path(found)
+            reason = f"{found}: non-finite values (NaN or inf) in {bad}"
+            if self.cfg.checkpoint.resume != "auto":
+                raise CheckpointError(f"{reason}; resume from an earlier checkpoint")
+            self.log.warning(f"--resume auto: skipping {reason}; trying the next older one")
+            exclude.append(Path(found))
 
     def load(self, path: Path) -> None:
         """Load a checkpoint that :func:`choose_resume` accepted into the engine, trainer and sampler."""

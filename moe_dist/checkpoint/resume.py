@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from ..config import architecture_diff
 from . import layout
 from .errors import CheckpointError, IncompatibleCheckpoint
+from .finite import check_manifest_finite
 from .manifest import verify_manifest
 from .train_state import read_train_state
 
@@ -51,7 +52,7 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: Any) -> None:  # no
 
 def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  # noqa: ANN401 - RunConfig
     """Every check short of loading the shards; returns the parsed ``train_state.json``."""
-    verify_manifest(path, checksums=checksums)
+    check_manifest_finite(path, verify_manifest(path, checksums=checksums))
     saved = read_train_state(path)
     try:
         check_compatible(path, saved, cfg)
@@ -62,8 +63,10 @@ def check_checkpoint(path: Path, cfg: Any, checksums: bool) -> dict[str, Any]:  
 
 
 def choose_resume(cfg: Any, checksums: bool,  # noqa: ANN401 - RunConfig
-                  warn: Callable[[str], None] = lambda _msg: None) -> Optional[Path]:
+                  warn: Callable[[str], None] = lambda _msg: None,
+                  exclude: Optional[list[Path]] = None) -> Optional[Path]:
     """The checked checkpoint to resume from, or None (no ``--resume``, or ``auto`` with none saved).
+    ``exclude``: folders ``auto`` passes over (loaded and found non-finite).
 
     Raises CheckpointError with the reason when nothing usable is found; ``warn`` gets one line
     per damaged checkpoint that ``auto`` skipped."""
@@ -76,7 +79,7 @@ def choose_resume(cfg: Any, checksums: bool,  # noqa: ANN401 - RunConfig
         check_checkpoint(path, cfg, checksums)
         return path
     root = layout.checkpoints_dir(cfg.checkpoint.output_dir)
-    candidates = [p for _, p in reversed(layout.complete_checkpoints(root))]
+    candidates = [p for _, p in reversed(layout.complete_checkpoints(root)) if p not in (exclude or [])]
     skipped: list[str] = []
     for path in candidates:
         try:

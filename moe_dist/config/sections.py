@@ -110,6 +110,11 @@ class ParallelConfig:
     expert_kernel: str = _f("auto", "How experts compute: 'grouped' (torch._grouped_mm over the stacked experts, no "
                                     "host sync), 'loop' (one matmul chain per expert) or 'auto' (grouped where it runs "
                                     "on the device and dtype, else loop; the choice is logged at start).")
+    init_timeout_s: float = _f(600.0, "Collective timeout (s) of every process group until the first optimizer step "
+                                      "is done: long enough for op builds and a sharded start-up.")
+    train_timeout_s: float = _f(300.0, "Collective timeout (s) of every process group after the first step, and the "
+                                       "progress watchdog's limit: a rank stalled this long dumps its stacks to "
+                                       "<output-dir>/hang-<rank>.txt and the run exits 76 (hung).")
     compile: bool = _f(False, "torch.compile each transformer block (regional compilation; the first steps "
                               "pay the compile time).")
 
@@ -121,6 +126,8 @@ class ParallelConfig:
         _require(self.zero_stage in (None, 0, 1, 2, 3), s, "zero_stage", "0, 1, 2 or 3", self.zero_stage)
         _require(int(self.ep_size) >= 1, s, "ep_size", "a positive integer", self.ep_size)
         _require(self.capacity_factor is None or self.capacity_factor > 0, s, "capacity_factor", "> 0 or None", self.capacity_factor)
+        _require(self.init_timeout_s > 0 and self.train_timeout_s > 0, s, "init_timeout_s/train_timeout_s", "> 0",
+                 (self.init_timeout_s, self.train_timeout_s))
         _require(self.precision in ("auto", "fp32", "bf16"), s, "precision", "'auto', 'fp32' or 'bf16'", self.precision)
 
     def resolved_precision(self, on_gpu: bool) -> str:
@@ -158,6 +165,9 @@ class TrainConfig:
             "global sample, so val_loss is the same on any world size (None = the whole validation split).")
     log_every: int = _f(1, "Print a log line every N steps (metrics.jsonl gets every step).")
     seed: int = _f(1234, "Seed of weights, data order and router noise.")
+    max_nonfinite_steps: int = _f(3, "Stop (exit code 3, diverged) after this many optimizer steps in a row whose loss or "
+                                     "gradient norm is not finite; each such step is skipped (no update).")
+    loss_spike_factor: float = _f(10.0, "Warn when a step's loss exceeds this multiple of the running mean (0 = off).")
     report_to: list = _f([], "Trackers that also get the metrics, through Accelerate: 'tensorboard' "
                              "(<output-dir>/tensorboard), 'wandb' (offline, <output-dir>/wandb); comma-separated.")
 
@@ -173,6 +183,8 @@ class TrainConfig:
         _require(self.eval_batches is None or self.eval_batches > 0, s, "eval_batches", "> 0 or None",
                  self.eval_batches)
         _require(self.eval_every >= 0, s, "eval_every", ">= 0", self.eval_every)
+        _require(self.max_nonfinite_steps >= 1, s, "max_nonfinite_steps", ">= 1", self.max_nonfinite_steps)
+        _require(self.loss_spike_factor >= 0, s, "loss_spike_factor", ">= 0", self.loss_spike_factor)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         if isinstance(self.report_to, str):
             self.report_to = [p.strip() for p in self.report_to.split(",") if p.strip()]

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, StoreReadError
 
 FORMAT = "moe_dist-token-store"
 VERSION = 1
@@ -206,12 +206,26 @@ class TokenStore:
         long-lived map stay counted in the process's RSS once touched, so over an epoch a kept map
         would grow every rank's RSS to the corpus size."""
         n_blocks = self.num_tokens // width
-        mm = np.memmap(self.tokens_file, dtype=self.dtype, mode="r", shape=(n_blocks, width))
+        try:
+            mm = np.memmap(self.tokens_file, dtype=self.dtype, mode="r", shape=(n_blocks, width))
+        except (OSError, ValueError) as e:  # cut short or removed under the running job
+            raise self._read_error(e) from None
         try:
             picked = mm[rows.numpy()]  # a copy of just these rows
         finally:
             del mm
         return torch.from_numpy(picked.astype(np.int64))
+
+
+    def _read_error(self, e: BaseException) -> StoreReadError:
+        try:
+            found = f"{self.tokens_file.stat().st_size:,} bytes"
+        except OSError as gone:
+            found = gone.strerror or "gone"
+        want = self.num_tokens * self.dtype.itemsize
+        return StoreReadError(f"token store {self.tokens_file}: cannot read it mid-run ({e}): its header says "
+                              f"{want:,} bytes, the file is {found}; the store changed under the running job: "
+                              "restore it (or delete its folder to prepare it again), then rerun with --resume auto")
 
 
 class BlockSet:

@@ -110,10 +110,12 @@ def build_engine(rt: Runtime, cfg: RunConfig,
     return model, prepare_engine(rt, model, cfg)
 
 
-def shutdown() -> None:
-    """Tear the process group down explicitly: ZeRO-3 + offload can abort at interpreter exit otherwise."""
+def shutdown(barrier: bool = True) -> None:
+    """Tear the process group down explicitly: ZeRO-3 + offload can abort at interpreter exit otherwise.
+    ``barrier=False`` after a fault of this rank alone: its peers may be waiting in another collective."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()

@@ -11,6 +11,7 @@ import argparse
 from dataclasses import MISSING, fields
 from typing import Any, Optional
 
+from .. import exit_codes
 from ..cli_args import Parser
 from ..config import (PRESETS, SECTIONS, ConfigError, RunConfig, _section_classes, apply_overrides, get_preset,
                      load_config_file, parse_set_args, resolve_key)
@@ -40,6 +41,8 @@ FLAG_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--zero-stage": ("parallel.zero_stage", {"type": int, "choices": [1, 2, 3]}),
     "--ep-size": ("parallel.ep_size", {"type": int}),
     "--capacity-factor": ("parallel.capacity_factor", {"type": float}),
+    "--init-timeout": ("parallel.init_timeout_s", {"type": float, "metavar": "SECONDS"}),
+    "--train-timeout": ("parallel.train_timeout_s", {"type": float, "metavar": "SECONDS"}),
     "--data-files": ("data.data_files", {"nargs": "+"}),
     "--dataset": ("data.dataset", {}),
     "--tokenizer": ("data.tokenizer", {}),
@@ -63,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch FSDP2 (--engine fsdp2). Launch with: accelerate launch --config_file "
                     "launch_configs/cpu.yaml moe_dist/train.py --preset tiny --max-steps 20 --output-dir runs/demo "
                     "(FSDP2: --config_file launch_configs/cpu_fsdp2.yaml ... --engine fsdp2)",
-        epilog="Exit codes: 0 finished; 2 a mistake in the command or its files (one 'error:' line says "
-               "which); 75 stopped by SIGTERM or Ctrl-C after saving a checkpoint (preempted, saved: rerun "
-               "with --resume auto).",
+        epilog=exit_codes.help_text(),
     )
     p.add_argument("--preset", default="tiny", help=f"Starting config: one of {', '.join(PRESETS)} (default tiny).")
     p.add_argument("--config", metavar="FILE", help="YAML/JSON file of overrides ({section: {field: value}}).")

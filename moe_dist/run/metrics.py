@@ -44,17 +44,20 @@ class StepAccumulator:
         self.targets += targets.numel()
         self.micro_batches += 1
 
-    def reduce(self) -> dict[str, Any]:
-        """All-reduce across ranks; every rank gets the same numbers (one small tensor, one read-back)."""
+    def reduce(self, grad_nonfinite: bool = False) -> dict[str, Any]:
+        """All-reduce across ranks; every rank gets the same numbers (one small tensor, one read-back).
+
+        ``grad_nonfinite``: this rank saw a non-finite gradient norm; the sum over ranks comes back as
+        ``bad_grad_ranks`` (the non-finite guard's flag rides on this all-reduce, see ``guard``)."""
         sums = self.sums if self.sums is not None else torch.zeros(4 + self.num_experts, dtype=torch.float64,
                                                                    device=self.device)
-        vec = torch.cat([sums, torch.tensor([self.targets, self.micro_batches], dtype=torch.float64,
-                                            device=self.device)])
+        vec = torch.cat([sums, torch.tensor([float(grad_nonfinite), self.targets, self.micro_batches],
+                                            dtype=torch.float64, device=self.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
         values = vec.tolist()
         ce, aux, correct, dropped = values[:4]
-        n_targets, n_micro = values[-2:]
+        bad_grad_ranks, n_targets, n_micro = values[-3:]
         loss = ce / max(n_micro, 1)
         return {
             "loss": loss,
@@ -62,8 +65,16 @@ class StepAccumulator:
             "accuracy": correct / max(n_targets, 1),
             "perplexity": math.exp(min(loss, 50.0)),
             "dropped_tokens": int(dropped),
-            "expert_tokens": [int(x) for x in values[4:-2]],
+            "expert_tokens": [int(x) for x in values[4:-3]],
+            "bad_grad_ranks": int(bad_grad_ranks),
         }
+
+
+def json_safe(value: Any) -> Any:  # noqa: ANN401
+    """A metric as strict JSON can hold it: a non-finite float becomes its name ("nan", "inf", "-inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 @dataclass
@@ -83,7 +94,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({k: json_safe(v) for k, v in record.items()}, allow_nan=False) + "\n")
             f.flush()
 
     def truncate_after(self, step: int) -> None:

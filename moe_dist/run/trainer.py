@@ -8,6 +8,7 @@ the engine (``parallel/engine.py``), sets the LR, and reports reduced metrics.
 from __future__ import annotations
 
 import hashlib
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..config import RunConfig
 from ..data.loader import DataBundle, iter_val_batches
 from ..data.sampler import GlobalCursorSampler
 from ..host_syncs import HostSyncCounter, count_syncs_from_env
+from ..logging_utils import get_logger
+from .guard import NonFiniteGuard
 from .metrics import MetricsLog, StepAccumulator
 from .optim import LRSchedule
 from ..parallel.runtime import Runtime
@@ -66,6 +69,8 @@ class Trainer:
         # Called as probe(engine, step) after the step's last backward, before the optimizer step
         # (see moe_dist.debug); None in normal runs.
         self.grad_probe: Optional[Callable[[Any, int], None]] = None
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.loss_spike_factor, get_logger().warning)
+        self.watch: Any = None  # the progress watchdog (run/watchdog.py): beat(phase, step, long) marks progress
         self.count_syncs = count_syncs_from_env()  # MOE_DIST_COUNT_SYNCS=1: host_syncs per step in the metrics
 
     # ------------------------------------------------------------------ one step
@@ -97,7 +102,9 @@ class Trainer:
         acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
         self.engine.train()
         first_micro = self.rt.rank * len(micro)  # index of this rank's first micro-batch in the global batch
+        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
         for i, idx in enumerate(micro):
+            beat(f"forward/backward of micro-batch {i + 1}/{len(micro)}", step + 1)
             torch.manual_seed(micro_seed(self.cfg.train.seed, step, first_micro + i))
             block = self.data.train_blocks[idx].to(self.rt.device)
             inputs, targets = block[:, :-1], block[:, 1:]
@@ -107,14 +114,17 @@ class Trainer:
             self.engine.backward(loss)
             if i == len(micro) - 1 and self.grad_probe is not None:
                 self.grad_probe(self.engine, step)  # reduced grads exist between the last backward and step
+            if i == len(micro) - 1:
+                beat("optimizer step (gradient reduction, norm, update)", step + 1)
             self.engine.step()
             counts, dropped = self._moe_stats()
             acc.add(ce, aux, logits, targets, counts, dropped)
-        stats = acc.reduce()
+        beat("metrics all-reduce", step + 1)
+        grad_norm = self.engine.grad_norm()
+        stats = acc.reduce(grad_nonfinite=grad_norm is not None and not math.isfinite(grad_norm))
         self.state.step += 1
         self.state.tokens += int(indices.numel()) * self.cfg.train.seq_len
         elapsed = time.perf_counter() - t0
-        grad_norm = self.engine.grad_norm()
         record = {"step": self.state.step, "loss": stats["loss"], "aux_loss": stats["aux_loss"],
                   "accuracy": stats["accuracy"], "perplexity": stats["perplexity"],
                   "lr": lrs["adamw"] if self.all_adamw else lrs["muon"], "lr_muon": lrs["muon"],
@@ -124,6 +134,7 @@ class Trainer:
                   "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank, Linux KiB
                   "grad_norm": grad_norm,
                   "expert_tokens": stats["expert_tokens"], "dropped_tokens": stats["dropped_tokens"]}
+        self.guard.check(record, stats["bad_grad_ranks"])  # a skipped step is marked; too many stop fit()
         if self.rt.device.type == "cuda":  # what moe-plan's GPU figure estimates (benchmarks/gpu_check.py compares)
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
         return record
@@ -157,13 +168,17 @@ class Trainer:
             after_step: Optional[Callable[[], None]] = None) -> None:
         """Train until ``train.max_steps``; ``after_step`` runs checkpointing, ``should_stop`` signals."""
         every = self.cfg.train.eval_every
-        while self.state.step < self.cfg.train.max_steps and not should_stop():
+        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
+        while self.state.step < self.cfg.train.max_steps and (beat("stop vote", self.state.step + 1) or not should_stop()):
             record = self.train_step()
             if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.max_steps):
+                beat("validation", self.state.step, long=True)
                 record["val_loss"] = self.evaluate()
             if self.rt.is_main:
                 self.metrics.write(record)
             if on_step is not None:
                 on_step(record)
-            if after_step is not None:
+            self.guard.raise_if_diverged()
+            if after_step is not None and self.guard.healthy:  # no checkpoint while a non-finite streak lasts
+                beat("checkpoint", self.state.step, long=True)
                 after_step()

@@ -1,5 +1,5 @@
-"""Hostile input: each case ends with exit code 2, one ``error:`` line naming the problem, no
-traceback, and nothing that was good on disk changed.
+"""Hostile input: each case ends with exit code 2 (a failing disk: 74, retryable), one ``error:`` line
+naming the problem, no traceback, and nothing that was good on disk changed.
 
 Already covered elsewhere (not repeated here): unknown preset, missing data file, EP size that
 does not divide the experts (``test_train.test_bad_input_is_one_clear_line``). ``test_resume``
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_dist import exit_codes
 from moe_dist.checkpoint import layout
 from moe_dist.checkpoint.manifest import verify_manifest
 
@@ -46,10 +47,10 @@ def error_line(output: str) -> str:
     return lines[0]
 
 
-def refused(out: Path, *args: str) -> str:
-    """Run one rank with ``args``; assert exit code 2 and return the error line."""
+def refused(out: Path, *args: str, code: int = exit_codes.USAGE) -> str:
+    """Run one rank with ``args``; assert exit ``code`` (2: a mistake in the command) and return the error line."""
     res = train(out, 1, *args, timeout=180, check=False)
-    assert res[0].returncode == 2, f"exit {res[0].returncode}\n{res[0].output[-3000:]}"
+    assert res[0].returncode == code, f"exit {res[0].returncode}\n{res[0].output[-3000:]}"
     return error_line(res[0].output)
 
 
@@ -242,7 +243,7 @@ def test_read_only_output_dir(tmp_path):
     if not _mount_tmpfs(mnt, "ro,size=1m"):
         pytest.skip("cannot mount a tmpfs here (not root / no CAP_SYS_ADMIN); the file cases above still run")
     try:
-        line = refused(mnt / "run")
+        line = refused(mnt / "run", code=exit_codes.INFRA)  # the machine's fault, worth a retry elsewhere
     finally:
         _umount(mnt)
     assert line == (f"error: checkpoint.output_dir {mnt / 'run'}: cannot write there (Read-only file system); "
@@ -261,13 +262,14 @@ def _assert_failed_save_left_step2_intact(out: Path, line: str, reason: str) -> 
 
 
 def _rank0_reports_save_failure(res) -> str:  # noqa: ANN001 - list[RankResult]
-    """A failed save raises the same error on every rank; rank 0 prints it, the others exit 2 quietly.
+    """A failed save raises the same error on every rank; rank 0 prints it, the others exit quietly, all
+    with the retryable infrastructure code.
 
     The harness kills the other ranks as soon as one exits (as torchrun does), so this also
     checks that no rank can exit before rank 0 has printed (they meet at a barrier in shutdown).
     """
     codes = [r.returncode for r in res]
-    assert set(codes) <= {2, None} and 2 in codes, "\n".join(r.output[-3000:] for r in res)
+    assert set(codes) <= {exit_codes.INFRA, None} and exit_codes.INFRA in codes, "\n".join(r.output[-3000:] for r in res)
     assert all("Traceback" not in r.output for r in res), "\n".join(r.output[-3000:] for r in res)
     for r in res[1:]:
         assert not [ln for ln in r.output.splitlines() if ln.startswith("error")], r.output[-3000:]

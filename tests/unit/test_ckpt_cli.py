@@ -23,7 +23,7 @@ MODEL = ModelConfig(vocab_size=64, d_model=8, n_heads=2, d_ff=4, num_experts=2, 
                     expert_type="silu_mlp")
 
 
-def make_checkpoint(run, step, drop_expert=False):
+def make_checkpoint(run, step, drop_expert=False, nan_in=None):
     """A checkpoint folder the way the manager lays it out: DCP expert shards, train_state, manifest."""
     root = layout.checkpoints_dir(str(run))
     folder = root / layout.step_dir_name(step)
@@ -32,6 +32,8 @@ def make_checkpoint(run, step, drop_expert=False):
     sd["model.embed.weight"] = torch.zeros(64 * 8)
     if drop_expert:
         del sd["model.layers.0.ffn.experts.1.w_down.weight"]
+    if nan_in:
+        sd[nan_in][3] = float("nan")
     dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
     cfg = RunConfig(model=MODEL).to_dict()
     topology = {"world_size": 4, "zero_stage": 2, "ep_size": 2, "optimizer": "muon"}
@@ -85,9 +87,29 @@ def test_verify_ok(run, capsys):
     code, out, err = cli(capsys, "verify", str(run))
     assert code == 0 and err == ""
     assert out.startswith(f"OK {run / 'checkpoints' / 'checkpoint_step_10'}: step 10, ")
-    assert "sizes and checksums (xxh3-128) match the manifest; 2 experts x 1 layers each saved exactly once" in out
+    assert ("sizes and checksums (xxh3-128) match the manifest, every tensor finite; 2 experts x 1 layers each "
+            "saved exactly once") in out
     code, out, _ = cli(capsys, "verify", str(run), "--no-checksums")
-    assert code == 0 and "sizes (checksums skipped) match the manifest" in out
+    assert code == 0 and "sizes match the manifest (checksums and finiteness scan skipped)" in out
+
+
+def test_verify_refuses_a_nan_checkpoint(tmp_path, capsys):
+    """A hand-made checkpoint whose manifest is right but one tensor holds a NaN: refused, one line, exit 1."""
+    run = tmp_path / "nan"
+    folder = make_checkpoint(run, 5, nan_in="model.layers.0.ffn.experts.1.w_up.weight")
+    code, out, err = cli(capsys, "verify", str(run))
+    assert code == 1 and out == ""
+    assert err == (f"error: {folder}: tensor model.layers.0.ffn.experts.1.w_up.weight holds 1 non-finite value(s) "
+                   "(NaN or inf) of 32; the run had diverged when it was saved: use an earlier checkpoint\n")
+
+
+def test_verify_refuses_a_manifest_recording_nonfinite(run, capsys):
+    folder = run / "checkpoints" / "checkpoint_step_10"
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    write_manifest(folder, {k: manifest[k] for k in ("step", "tokens", "topology")} | {"finite": False})
+    code, _, err = cli(capsys, "verify", str(run), "--no-checksums")
+    assert code == 1 and err == (f"error: {folder}: its manifest records non-finite values (NaN or inf); resume "
+                                 "from another checkpoint\n")
 
 
 def test_verify_bit_flip_needs_checksums(run, capsys):
@@ -168,6 +190,19 @@ def test_info_agrees_with_resume_auto_when_latest_lags(run, capsys):
     code, out, _ = cli(capsys, "info", str(run))
     assert code == 0 and "checkpoint_step_10" in out
     assert layout.resolve_resume("auto", str(run)) == root / "checkpoint_step_10"
+
+
+def test_info_and_resume_auto_agree_on_a_truncated_shard(run, capsys):
+    """The newest checkpoint has a shard cut short: info calls it incomplete, and for the run names the
+    one --resume auto takes (the same rule: sizes against the manifest)."""
+    folder = run / "checkpoints" / "checkpoint_step_10"
+    shard = _shard(folder)
+    os.truncate(shard, shard.stat().st_size - 3)
+    code, out, _ = cli(capsys, "info", str(folder))
+    assert code == 0 and "no (" in out and "truncated or modified copy" in " ".join(out.split())
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 0 and "checkpoint_step_5" in out and err.startswith("skipping a damaged checkpoint: ")
+    # --resume auto skipping a damaged newest checkpoint: tests/distributed/test_resume.py, test_crash_safety.py
 
 
 def test_help_and_console_script():

@@ -53,10 +53,17 @@ def test_cli_flags_win_over_set():
 def test_help_mentions_every_flag_and_field():
     text = build_parser().format_help()
     for flag in ("--preset", "--set", "--max-steps", "--output-dir", "--zero-stage", "--ep-size", "--resume",
-                 "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params"):
+                 "--save-every", "--keep-last", "--async-save", "--data-files", "--print-params", "--init-timeout",
+                 "--train-timeout"):
         assert flag in text
     assert "Expert-parallel degree" in text  # field docstrings become --help
     assert "75 stopped by SIGTERM or Ctrl-C after saving a checkpoint" in " ".join(text.split())
+    from moe_dist import exit_codes
+
+    codes = {exit_codes.USAGE, exit_codes.DIVERGED, exit_codes.INFRA, exit_codes.PREEMPTED, exit_codes.HUNG}
+    assert len(codes) == 5 and 1 not in codes and 0 not in codes  # distinct, none taken by Python's own 0 / 1
+    for code, meaning in exit_codes.MEANING.items():  # each one documented in --help
+        assert "".join(f"{code} {meaning}".split()) in "".join(text.split())  # argparse wraps at hyphens
     assert "model.router_noise_std" in config_help_text()
 
 

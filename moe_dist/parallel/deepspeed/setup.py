@@ -8,7 +8,6 @@ rank unless the process-group backend is named, so we always name it (gloo on CP
 
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Any, Optional
 
@@ -70,6 +69,8 @@ def init_deepspeed_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = Non
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    from ..timeouts import enable_flight_recorder, init_timeout
+
     on_gpu = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, layout = resolve_layout(cfg, deepspeed_config)
@@ -79,7 +80,8 @@ def init_deepspeed_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = Non
     # fields would make it refuse ("will be ignored") although they are already merged in.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    enable_flight_recorder(cfg.checkpoint.output_dir, on_gpu)
+    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=init_timeout(cfg))
     precision = "bf16" if ds_config["bf16"]["enabled"] else "no"
     os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     # Not cpu=True: that makes Accelerate pick plain multi-CPU DDP and ignore the DeepSpeed plugin.

@@ -13,6 +13,7 @@ square of the global norm: each expert counted once.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -90,6 +91,10 @@ class Fsdp2TrainEngine:
             return
         self._micro = 0
         self._norm = self._clip()
+        if not math.isfinite(self._norm):  # a non-finite step makes no update, as DeepSpeed's (see run/guard.py)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return
         if not self.has_optimizer_state():
             self.materialize_optimizer_state()  # explicit devices, not torch's lazy default-device step
         for opt in self.optimizers:

@@ -15,7 +15,6 @@ as under DeepSpeed. Dense weights are sharded over the whole world (a 1-D mesh o
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -70,11 +69,14 @@ def resolve_settings(cfg: RunConfig, deepspeed_config: Optional[str] = None,
                          grad_clip=t.clip_norm())
 
 
-def _init_process_group(on_gpu: bool) -> None:
+def _init_process_group(on_gpu: bool, cfg: RunConfig) -> None:
+    from ..timeouts import enable_flight_recorder, init_timeout
+
     if dist.is_initialized():
         return
     single_process_defaults()  # plain `python moe_dist/train.py`
-    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    enable_flight_recorder(cfg.checkpoint.output_dir, on_gpu)
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=init_timeout(cfg))
 
 
 def init_fsdp2_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
@@ -91,7 +93,7 @@ def init_fsdp2_runtime(cfg: RunConfig, deepspeed_config: Optional[str] = None,
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    _init_process_group(on_gpu)
+    _init_process_group(on_gpu, cfg)
     world = dist.get_world_size()
     accelerator = None
     if accelerator_kwargs:
