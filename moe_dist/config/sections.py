@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+# torch.finfo(torch.float32).eps, written out so that the config stays torch-free: the seed's RMSNorm
+# epsilon (``nn.RMSNorm(eps=None)`` on fp32 statistics).
+FLOAT32_EPS = 2.0 ** -23
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the field and what to do."""
 
@@ -59,6 +64,21 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
     init_std: float = _f(0.02, "Std of the normal initialisation of weight matrices.")
+    scaled_residual_init: bool = _f(True, "Initialise wo and w_down with init_std / sqrt(2 * n_layers) (GPT-2); "
+                                          "False: every matrix from N(0, init_std), as the seed does.")
+    embed_scale: bool = _f(False, "Multiply the embedding output by sqrt(d_model) (the seed's model).")
+    dropout: float = _f(0.0, "Dropout rate at the seed's six places, in training only: after the embedding, on the "
+                             "attention probabilities, on both residual branches, inside each expert (between silu "
+                             "and w_down) and before the head. Masks come from the per-micro-batch RNG (as the "
+                             "router noise), the experts' from a counter hash of (token, expert, feature), so they "
+                             "replay under activation checkpointing and do not depend on world size or EP degree.")
+    fused_qkv: bool = _f(False, "One attention projection wqkv (rows [Q | K | V]) instead of wq, wk, wv, so Muon "
+                                "orthogonalises the one fused matrix as the seed does.")
+    rope_layout: str = _f("half", "'half': rotary pairs (i, i + head_dim/2) (rotate-half), tables in fp64; "
+                                  "'interleaved': pairs (2i, 2i+1) with fp32 tables, torchtune's "
+                                  "RotaryPositionalEmbeddings as in the seed.")
+    aux_loss_reduction: str = _f("mean", "How the per-layer load-balancing losses combine: 'mean' over layers, or "
+                                         "'sum' (the seed).")
 
     def __post_init__(self) -> None:
         s = "model"
@@ -72,6 +92,12 @@ class ModelConfig:
         _require(self.expert_type in ("swiglu", "silu_mlp"), s, "expert_type", "'swiglu' or 'silu_mlp'", self.expert_type)
         _require(self.load_balancing_weight >= 0, s, "load_balancing_weight", ">= 0", self.load_balancing_weight)
         _require(self.router_noise_std >= 0, s, "router_noise_std", ">= 0", self.router_noise_std)
+        _require(0.0 <= self.dropout < 1.0, s, "dropout", "a rate in [0, 1)", self.dropout)
+        _require(self.rope_layout in ("half", "interleaved"), s, "rope_layout", "'half' or 'interleaved'",
+                 self.rope_layout)
+        _require(self.aux_loss_reduction in ("mean", "sum"), s, "aux_loss_reduction", "'mean' or 'sum'",
+                 self.aux_loss_reduction)
+        _require(self.norm_eps > 0, s, "norm_eps", "> 0", self.norm_eps)
 
     @property
     def kv_heads(self) -> int:
@@ -374,4 +400,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 def architecture_diff(saved: dict, requested: ModelConfig) -> list[str]:
     """Fields of ModelConfig that differ between a saved config dict and a requested one."""
     req = dataclasses.asdict(requested)
-    return [f"model.{k}: saved {saved.get(k)!r}, requested {v!r}" for k, v in req.items() if saved.get(k) != v]
+    # A field newer than the saved config has its default there: checkpoints written before it existed.
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    return [f"model.{k}: saved {saved.get(k, defaults[k])!r}, requested {v!r}" for k, v in req.items()
+            if saved.get(k, defaults[k]) != v]

@@ -88,6 +88,11 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(f"model.expert_type is {cfg.expert_type!r}: --format hf needs 'swiglu' experts; the seed's "
                           "two-matrix SiLU experts down(silu(up(x))) have no exact transformers class (Mixtral's are "
                           "w2(silu(w1 x) * w3 x)); export with --format safetensors or pt instead")
+    seed_opts = [f"model.{k}={getattr(cfg, k)!r}" for k, plain in (("fused_qkv", False), ("embed_scale", False),
+                                                                   ("rope_layout", "half")) if getattr(cfg, k) != plain]
+    if seed_opts:
+        raise ExportError(f"{', '.join(seed_opts)}: the Mixtral layout of --format hf has separate q/k/v, rotate-half "
+                          "rotary pairs and no embedding scale; export with --format safetensors or pt instead")
     if cfg.shared_expert:
         raise ExportError("model.shared_expert is true: --format hf cannot hold an always-on shared expert (Mixtral "
                           "has none, and Qwen2-MoE scales its shared expert by a learned sigmoid gate, never exactly "

@@ -143,7 +143,10 @@ def test_byte_tokenizer_export_has_our_ids(exported):
 
 
 @pytest.mark.parametrize("field,value,why", [("expert_type", "silu_mlp", "two-matrix SiLU"),
-                                             ("shared_expert", True, "shared expert")])
+                                             ("shared_expert", True, "shared expert"),
+                                             ("fused_qkv", True, "separate q/k/v"),
+                                             ("rope_layout", "interleaved", "rotate-half"),
+                                             ("embed_scale", True, "embedding scale")])
 def test_refuses_what_transformers_cannot_compute(tmp_path, capsys, field, value, why):
     _, folder = make_checkpoint(tmp_path, dict(BASE, top_k=2, **{field: value}))
     dest = tmp_path / "hf"
