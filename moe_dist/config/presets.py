@@ -12,7 +12,7 @@ SEED_MODEL_OPTIONS = dict(expert_type="silu_mlp", embed_scale=True, dropout=0.1,
                           rope_layout="interleaved", norm_eps=FLOAT32_EPS, aux_loss_reduction="sum",
                           load_balancing_weight=0.01, router_noise_std=0.1, scaled_residual_init=False,
                           init_std=0.02, tie_embeddings=True)
-# The seed's AdamW: betas (0.9, 0.999), its LR 0.1 x Muon's.
+# The seed's AdamW: betas (0.9, 0.999), its LR 0.1 x Muon's; weight decay on AdamW's parameters only.
 SEED_ADAM_BETAS, SEED_ADAMW_LR_RATIO = (0.9, 0.999), 0.1
 
 
@@ -25,8 +25,8 @@ def _preset_4090() -> RunConfig:
     m = ModelConfig(vocab_size=50304, d_model=1024, n_layers=12, n_heads=8, d_ff=2752, num_experts=8, top_k=2,
                     max_seq_len=1024, **SEED_MODEL_OPTIONS)
     t = TrainConfig(global_batch_size=32, micro_batch_size=2, seq_len=1024, warmup_steps=500, max_steps=50000,
-                    muon_lr=0.02, adamw_lr=SEED_ADAMW_LR_RATIO * 0.02, adam_betas=SEED_ADAM_BETAS, eval_every=500,
-                    eval_batches=20)
+                    muon_lr=0.02, adamw_lr=SEED_ADAMW_LR_RATIO * 0.02, adam_betas=SEED_ADAM_BETAS,
+                    weight_decay_on="adamw", eval_every=500, eval_batches=20)
     # ZeRO stage and offload come from the launch config (launch_configs/4090.json: ZeRO-1, no offload).
     p = ParallelConfig(activation_checkpointing=True)
     return RunConfig(model=m, train=t, parallel=p, preset="4090")
@@ -38,7 +38,7 @@ def _preset_b200() -> RunConfig:
                     max_seq_len=2048, **SEED_MODEL_OPTIONS)
     t = TrainConfig(global_batch_size=128, micro_batch_size=2, seq_len=2048, warmup_steps=1000, max_steps=100000,
                     muon_lr=0.01, adamw_lr=SEED_ADAMW_LR_RATIO * 0.01, adam_betas=SEED_ADAM_BETAS, weight_decay=0.1,
-                    eval_every=1000, eval_batches=20)
+                    weight_decay_on="adamw", eval_every=1000, eval_batches=20)
     p = ParallelConfig(ep_size=8)  # ZeRO-2 + bf16 from launch_configs/b200_multinode.json
     return RunConfig(model=m, train=t, parallel=p, preset="b200")
 

@@ -168,10 +168,15 @@ class TrainConfig:
     seq_len: int = _f(128, "Tokens per training sequence (<= model.max_seq_len).")
     max_steps: int = _f(200, "Optimizer steps to train for (absolute: a resumed run stops at this step).")
     warmup_steps: int = _f(10, "Linear LR warmup, in optimizer steps (not micro-batches).")
+    warmup_from_zero: bool = _f(False, "Warmup factor step / warmup_steps, LR 0 at step 0 (the seed's LambdaLR), "
+                                       "instead of (step + 1) / warmup_steps.")
     min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of the peak LR.")
     muon_lr: float = _f(0.02, "Peak LR of Muon (2-D hidden matrices, router).")
     adamw_lr: float = _f(3e-3, "Peak LR of AdamW (embeddings, norms, biases).")
     weight_decay: float = _f(0.1, "Decoupled weight decay of both optimizers.")
+    weight_decay_on: str = _f("matrices", "Which parameters decay: 'matrices' (every 2-D one: Muon's and the "
+                                          "embedding; norm gains not) or 'adamw' (AdamW's: embedding and norms; "
+                                          "Muon's not), the seed's split.")
     adam_betas: tuple = _f((0.9, 0.95), "AdamW betas.")
     muon_momentum: float = _f(0.95, "Muon momentum.")
     grad_clip: Optional[float] = _f(
@@ -194,6 +199,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, s, "warmup_steps", ">= 0", self.warmup_steps)
         _require(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "between 0 and 1", self.min_lr_ratio)
         _require(self.optimizer in ("muon", "adamw"), s, "optimizer", "'muon' or 'adamw'", self.optimizer)
+        _require(self.weight_decay_on in ("matrices", "adamw"), s, "weight_decay_on", "'matrices' or 'adamw'",
+                 self.weight_decay_on)
         _require(self.muon_lr > 0 and self.adamw_lr > 0, s, "muon_lr/adamw_lr", "> 0", (self.muon_lr, self.adamw_lr))
         _require(self.grad_clip is None or self.grad_clip >= 0, s, "grad_clip", ">= 0 or None", self.grad_clip)
         _require(self.eval_batches is None or self.eval_batches > 0, s, "eval_batches", "> 0 or None",

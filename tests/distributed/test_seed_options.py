@@ -8,7 +8,7 @@ import pytest
 
 from .trainrun import by_step, losses, metrics, train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~75 s on 2 cores
 
 STEPS, HALF = 6, 3
 # The 4090 preset shrunk to CPU size; every seed option (dropout 0.1 included) stays on.
