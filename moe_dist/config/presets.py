@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
-from .sections import FLOAT32_EPS, ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from .sections import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+# torch.finfo(torch.float32).eps, written out so the config stays torch-free: the seed's RMSNorm epsilon
+# (``nn.RMSNorm(eps=None)`` on fp32 statistics).
+FLOAT32_EPS = 2.0 ** -23
 
 # The seed trainer's model options (blueberry-llm exp4_18b_moe_training): the function it computes, in
 # training as in eval. A seed checkpoint imported into a run of these presets resumes its training.

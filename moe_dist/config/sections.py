@@ -19,11 +19,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-# torch.finfo(torch.float32).eps, written out so that the config stays torch-free: the seed's RMSNorm
-# epsilon (``nn.RMSNorm(eps=None)`` on fp32 statistics).
-FLOAT32_EPS = 2.0 ** -23
-
-
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the field and what to do."""
 
@@ -64,19 +59,16 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
     init_std: float = _f(0.02, "Std of the normal initialisation of weight matrices.")
-    scaled_residual_init: bool = _f(True, "Initialise wo and w_down with init_std / sqrt(2 * n_layers) (GPT-2); "
-                                          "False: every matrix from N(0, init_std), as the seed does.")
+    scaled_residual_init: bool = _f(True, "wo and w_down start from N(0, init_std / sqrt(2 * n_layers)) (GPT-2); "
+                                          "False: every matrix N(0, init_std), the seed's.")
     embed_scale: bool = _f(False, "Multiply the embedding output by sqrt(d_model) (the seed's model).")
-    dropout: float = _f(0.0, "Dropout rate at the seed's six places, in training only: after the embedding, on the "
-                             "attention probabilities, on both residual branches, inside each expert (between silu "
-                             "and w_down) and before the head. Masks come from the per-micro-batch RNG (as the "
-                             "router noise), the experts' from a counter hash of (token, expert, feature), so they "
-                             "replay under activation checkpointing and do not depend on world size or EP degree.")
+    dropout: float = _f(0.0, "Training dropout at the seed's six places: embedding, attention probabilities, both "
+                             "residual branches, inside each expert (before w_down), before the head. Same masks on "
+                             "any world size / EP degree and under activation checkpointing (model/dropout.py).")
     fused_qkv: bool = _f(False, "One attention projection wqkv (rows [Q | K | V]) instead of wq, wk, wv, so Muon "
                                 "orthogonalises the one fused matrix as the seed does.")
-    rope_layout: str = _f("half", "'half': rotary pairs (i, i + head_dim/2) (rotate-half), tables in fp64; "
-                                  "'interleaved': pairs (2i, 2i+1) with fp32 tables, torchtune's "
-                                  "RotaryPositionalEmbeddings as in the seed.")
+    rope_layout: str = _f("half", "'half': rotary pairs (i, i + head_dim/2), fp64 tables; 'interleaved': pairs "
+                                  "(2i, 2i+1), fp32 tables (torchtune's RotaryPositionalEmbeddings, the seed's).")
     aux_loss_reduction: str = _f("mean", "How the per-layer load-balancing losses combine: 'mean' over layers, or "
                                          "'sum' (the seed).")
 
@@ -89,14 +81,12 @@ class ModelConfig:
         kv = self.kv_heads
         _require(self.n_heads % kv == 0, s, "n_kv_heads", f"a divisor of n_heads ({self.n_heads})", self.n_kv_heads)
         _require(self.top_k <= self.num_experts, s, "top_k", f"<= num_experts ({self.num_experts})", self.top_k)
-        _require(self.expert_type in ("swiglu", "silu_mlp"), s, "expert_type", "'swiglu' or 'silu_mlp'", self.expert_type)
+        for name, choices in (("expert_type", ("swiglu", "silu_mlp")), ("rope_layout", ("half", "interleaved")),
+                              ("aux_loss_reduction", ("mean", "sum"))):
+            _require(getattr(self, name) in choices, s, name, " or ".join(map(repr, choices)), getattr(self, name))
         _require(self.load_balancing_weight >= 0, s, "load_balancing_weight", ">= 0", self.load_balancing_weight)
         _require(self.router_noise_std >= 0, s, "router_noise_std", ">= 0", self.router_noise_std)
         _require(0.0 <= self.dropout < 1.0, s, "dropout", "a rate in [0, 1)", self.dropout)
-        _require(self.rope_layout in ("half", "interleaved"), s, "rope_layout", "'half' or 'interleaved'",
-                 self.rope_layout)
-        _require(self.aux_loss_reduction in ("mean", "sum"), s, "aux_loss_reduction", "'mean' or 'sum'",
-                 self.aux_loss_reduction)
         _require(self.norm_eps > 0, s, "norm_eps", "> 0", self.norm_eps)
 
     @property
@@ -168,15 +158,13 @@ class TrainConfig:
     seq_len: int = _f(128, "Tokens per training sequence (<= model.max_seq_len).")
     max_steps: int = _f(200, "Optimizer steps to train for (absolute: a resumed run stops at this step).")
     warmup_steps: int = _f(10, "Linear LR warmup, in optimizer steps (not micro-batches).")
-    warmup_from_zero: bool = _f(False, "Warmup factor step / warmup_steps, LR 0 at step 0 (the seed's LambdaLR), "
-                                       "instead of (step + 1) / warmup_steps.")
+    warmup_from_zero: bool = _f(False, "Warmup factor step / warmup_steps (the seed's), not (step + 1) / warmup_steps.")
     min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of the peak LR.")
     muon_lr: float = _f(0.02, "Peak LR of Muon (2-D hidden matrices, router).")
     adamw_lr: float = _f(3e-3, "Peak LR of AdamW (embeddings, norms, biases).")
     weight_decay: float = _f(0.1, "Decoupled weight decay of both optimizers.")
-    weight_decay_on: str = _f("matrices", "Which parameters decay: 'matrices' (every 2-D one: Muon's and the "
-                                          "embedding; norm gains not) or 'adamw' (AdamW's: embedding and norms; "
-                                          "Muon's not), the seed's split.")
+    weight_decay_on: str = _f("matrices", "What decays: 'matrices' (every 2-D parameter, norm gains not) or "
+                                          "'adamw' (AdamW's: embedding and norms; Muon's not: the seed's split).")
     adam_betas: tuple = _f((0.9, 0.95), "AdamW betas.")
     muon_momentum: float = _f(0.95, "Muon momentum.")
     grad_clip: Optional[float] = _f(
@@ -407,7 +395,5 @@ def load_config_file(path: str) -> dict[str, Any]:
 def architecture_diff(saved: dict, requested: ModelConfig) -> list[str]:
     """Fields of ModelConfig that differ between a saved config dict and a requested one."""
     req = dataclasses.asdict(requested)
-    # A field newer than the saved config has its default there: checkpoints written before it existed.
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
-    return [f"model.{k}: saved {saved.get(k, defaults[k])!r}, requested {v!r}" for k, v in req.items()
-            if saved.get(k, defaults[k]) != v]
+    saved = {**{f.name: f.default for f in fields(ModelConfig)}, **saved}  # a field newer than the save: its default
+    return [f"model.{k}: saved {saved.get(k)!r}, requested {v!r}" for k, v in req.items() if saved.get(k) != v]
