@@ -164,6 +164,10 @@ def _metrics_row(sc: SeedCheckpoint, step: int, tokens: int, lrs: dict[str, floa
     for k, v in sc.metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             row[f"seed_{k}" if k in row else k] = v
+    # Every row has a loss (summaries and plots read it): the seed's last train loss, else its val loss.
+    loss = row.get("train_loss", row.get("val_loss"))
+    if loss is not None:
+        row["loss"] = loss
     return row
 
 
@@ -199,12 +203,13 @@ def import_seed(src: str, output_dir: str, overrides: Optional[dict[str, Any]] =
             dcp.save(EngineCheckpoint(_ImportedState(weights, states, m.tie_embeddings)).for_save(),
                      checkpoint_id=str(tmp))
         row = _metrics_row(sc, step, tokens, lrs)
+        rows = [row] if "loss" in row else []  # a history row needs a loss (run summaries read it)
         topology = {"world_size": 1, "engine": "seed-import", "zero_stage": None, "ep_size": 1, "optimizer": "muon"}
         state = {"format_version": FORMAT_VERSION, "step": step, "tokens": tokens,
                  "trainer": {"step": step, "tokens": tokens, "last_val_loss": sc.metrics.get("val_loss")},
                  "sampler": {"fresh": True, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.train.seed},
                  "lr_schedule": {**_schedule(cfg)}, "config": cfg.to_dict(), "tokenizer": {}, "data": None,
-                 "metrics": {"last": row, "history": [row]}, "topology": topology,
+                 "metrics": {"last": row, "history": rows}, "topology": topology,
                  "imported_from": {"path": str(sc.path), "seed_class": sc.config_class, "micro_batches": sc.micro_step,
                                    "idle_experts_without_momentum": idle},
                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
@@ -218,7 +223,7 @@ def import_seed(src: str, output_dir: str, overrides: Optional[dict[str, Any]] =
         shutil.rmtree(out, ignore_errors=True)
         raise
     write_config(cfg, str(out))
-    (out / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"imported {sc.path} (seed {sc.preset}, step {sc.micro_step} micro-batches = {step} optimizer steps, "
         f"{tokens:,} tokens) into {final}; {len(idle)} idle expert matrices had no Muon momentum (zeros)")
     log(FRESH_CURSOR)
