@@ -171,6 +171,16 @@ def _metrics_row(sc: SeedCheckpoint, step: int, tokens: int, lrs: dict[str, floa
     return row
 
 
+def as_export(path: str | Path) -> dict[str, Any]:
+    """A seed ``.pt`` in the shape of a moe-consolidate ``.pt`` (our names and config), for every weights
+    loader: ``load_checkpoint``, ``load_model_for_inference``, ``moe-generate``, ``--init-from``. Its
+    ``step`` is the seed's own (micro-batches), as the seed's ``load_checkpoint`` returns it."""
+    sc = load_seed(path)
+    cfg = run_config(sc, "runs/from_seed", {})
+    return {"model_state_dict": {our_name(k): v for k, v in sc.model_state.items()}, "config": cfg.to_dict(),
+            "step": sc.micro_step, "metrics": sc.metrics, "tokenizer": {}}
+
+
 def import_seed(src: str, output_dir: str, overrides: Optional[dict[str, Any]] = None,
                 log: Callable[[str], None] = print) -> Path:
     """Write the run folder; returns the checkpoint folder. CheckpointError in one line on any problem."""

@@ -100,11 +100,16 @@ def load_seed(path: str | Path) -> SeedCheckpoint:
                           dict(vars(cfg)), type(cfg).seed_class, dict(data["metrics"] or {}))
 
 
+def unsafe_global(e: BaseException) -> "str | None":
+    """The global (``module.Class``) a ``torch.load(weights_only=True)`` error names, if any."""
+    m = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", str(e))
+    return m.group(1) if m else None
+
+
 def _refusal(path: Path, e: BaseException) -> str:
-    text = str(e)
-    m = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", text)
-    if m:
-        return (f"{path}: refused to load: it needs the global {m.group(1)}, which is neither a tensor type nor one "
+    text, name = str(e), unsafe_global(e)
+    if name:
+        return (f"{path}: refused to load: it needs the global {name}, which is neither a tensor type nor one "
                 f"of the seed's config classes ({', '.join(sorted(SEED_CONFIG_CLASSES))}); nothing was executed. "
                 "Re-save the file from the seed's code with only tensors and its config")
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
