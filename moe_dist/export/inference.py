@@ -68,9 +68,10 @@ def _read_pt(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         from ..seed.load import unsafe_global
 
-        raise CheckpointError(f"{path}: refused: it pickles {unsafe_global(e) or 'objects'} (not a tensor or plain "
-                              "container), which could run code when loaded (torch.load(weights_only=True) stopped "
-                              f"at: {_first_line(e)}); only load it with weights_only=False if you trust its origin, "
+        named = f" (here {unsafe_global(e)})" if unsafe_global(e) else ""
+        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors and plain containers{named}, "
+                              "which could run code when loaded (torch.load(weights_only=True) stopped at: "
+                              f"{_first_line(e)}); only load it with weights_only=False if you trust its origin, "
                               "or re-export it with moe-consolidate") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable .pt file ({e.__class__.__name__}: {_first_line(e)})") from None
