@@ -6,6 +6,6 @@ from .sections import (SECTIONS, CheckpointConfig, ConfigError, DataConfig, Mode
                        TrainConfig, _section_classes, apply_overrides, architecture_diff, load_config_file,
                        parse_set_args, resolve_key)
 
-__all__ = ["FLOAT32_EPS", "PRESETS", "SEED_MODEL_OPTIONS", "SECTIONS", "CheckpointConfig", "ConfigError", "DataConfig", "ModelConfig", "ParallelConfig",
-           "RunConfig", "TrainConfig", "_section_classes", "apply_overrides", "architecture_diff", "get_preset",
+__all__ = ["FLOAT32_EPS", "PRESETS", "SEED_MODEL_OPTIONS", "SECTIONS", "CheckpointConfig", "ConfigError", "DataConfig",
+           "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig", "_section_classes", "apply_overrides", "architecture_diff", "get_preset",
            "load_config_file", "parse_set_args", "resolve_key"]

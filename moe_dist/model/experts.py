@@ -186,7 +186,8 @@ class GroupedExperts(nn.Module):
             self.kernel = "grouped" if grouped_mm_supported(x_AD.device.type, self.w_up.dtype) else "loop"
         drop = self.dropout if self.training else 0.0
         if drop > 0 and key_A is None:
-            raise ValueError("GroupedExperts: dropout in training needs each row's key (key_A); the dispatcher passes it")
+            raise ValueError("GroupedExperts: dropout in training needs each row's key (key_A), which the "
+                             "dispatcher passes")
         if self.kernel == "loop":
             return self._loop(x_AD, counts_El, key_A, drop)
         offs_El = torch.cumsum(counts_El, 0, dtype=torch.int32)

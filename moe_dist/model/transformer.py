@@ -131,8 +131,8 @@ class MoETransformer(nn.Module):
     """The LM: ``forward(tokens_BT, return_aux_loss=True) -> (logits_BTV, aux_loss | None)``.
 
     ``aux_loss`` is ``load_balancing_weight *`` the mean over layers of the Switch loss (their sum with
-    ``aux_loss_reduction='sum'``), ready to be added to the cross-entropy. Set ``gradient_checkpointing = True`` to recompute each block in
-    backward (non-reentrant checkpoint; it restores the RNG state, so router noise, routing and
+    ``aux_loss_reduction='sum'``), ready to be added to the cross-entropy. Set
+    ``gradient_checkpointing = True`` to recompute each block in backward (non-reentrant checkpoint; it restores the RNG state, so router noise, routing and
     dropout masks are identical in the recompute).
     """
 

@@ -77,7 +77,8 @@ def run_config(sc: SeedCheckpoint, output_dir: str, overrides: dict[str, Any]) -
         "model.max_seq_len": seq, "model.dropout": float(_first(c, "dropout", default=0.1)),
         "model.load_balancing_weight": float(_first(c, "load_balancing_weight", default=0.01)),
         "train.seq_len": seq, "train.micro_batch_size": batch, "train.global_batch_size": batch * accum,
-        "train.max_steps": max_steps, "train.warmup_steps": max_steps // 20, "train.warmup_from_zero": True, "train.weight_decay_on": "adamw",
+        "train.max_steps": max_steps, "train.warmup_steps": max_steps // 20, "train.warmup_from_zero": True,
+        "train.weight_decay_on": "adamw",
         "train.min_lr_ratio": 0.1, "train.muon_lr": float(muon_g["initial_lr"]),
         "train.adamw_lr": float(adam_g["initial_lr"]), "train.adam_betas": tuple(adam_g["betas"]),
         "train.weight_decay": float(adam_g["weight_decay"]), "train.muon_momentum": float(muon_g["momentum"]),
@@ -104,8 +105,8 @@ def check_next_lr(sc: SeedCheckpoint, cfg: RunConfig) -> dict[str, float]:
     for (label, key), sched in zip((("Muon", "muon"), ("AdamW", "adamw")), sc.scheduler_states):
         theirs = float(sched["_last_lr"][0])
         if not math.isclose(ours[key], theirs, rel_tol=1e-9, abs_tol=1e-15):
-            raise CheckpointError(f"{sc.path}: the {label} LR of the next step would be {ours[key]!r} here but the seed's "
-                                  f"scheduler says {theirs!r}; pass the seed's schedule with --set "
+            raise CheckpointError(f"{sc.path}: the {label} LR of the next step would be {ours[key]!r} here but the "
+                                  f"seed's scheduler says {theirs!r}; pass the seed's schedule with --set "
                                   "train.max_steps=/train.warmup_steps=/train.muon_lr=/train.adamw_lr=")
     return ours
 

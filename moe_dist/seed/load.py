@@ -93,9 +93,11 @@ def load_seed(path: str | Path) -> SeedCheckpoint:
                               f"{sorted(SEED_CONFIG_CLASSES)}")
     opt, sch = data["optimizer_states"], data["scheduler_states"]
     if not (isinstance(opt, (list, tuple)) and len(opt) == 2 and isinstance(sch, (list, tuple)) and len(sch) == 2):
-        raise CheckpointError(f"{p}: expected optimizer_states [Muon, AdamW] and scheduler_states [LambdaLR, LambdaLR], "
-                              f"found {type(opt).__name__} of {len(opt) if hasattr(opt, '__len__') else '?'} and "
-                              f"{type(sch).__name__} of {len(sch) if hasattr(sch, '__len__') else '?'}")
+        def what(x: Any) -> str:  # noqa: ANN401
+            return f"{type(x).__name__} of {len(x) if hasattr(x, '__len__') else '?'}"
+
+        raise CheckpointError(f"{p}: expected optimizer_states [Muon, AdamW] and scheduler_states [LambdaLR, "
+                              f"LambdaLR], found {what(opt)} and {what(sch)}")
     return SeedCheckpoint(p, int(data["step"]), dict(data["model_state_dict"]), list(opt), list(sch),
                           dict(vars(cfg)), type(cfg).seed_class, dict(data["metrics"] or {}))
 
