@@ -102,9 +102,12 @@ def check_exportable(cfg: ModelConfig) -> None:
 def tensor_renamer(cfg: ModelConfig) -> Callable[[str], str]:
     """The exported name of each of our tensors: Mixtral's, or ours under ``model.`` for the shipped
     modeling file (``lm_head.weight`` stays at the top)."""
-    if not needs_remote_code(cfg):
-        return hf_tensor_name
-    return lambda name: name if name == "lm_head.weight" else "model." + name
+    return remote_tensor_name if needs_remote_code(cfg) else hf_tensor_name
+
+
+def remote_tensor_name(name: str) -> str:
+    """The name of one of our tensors in an export with its own modeling file: ours under ``model.``."""
+    return name if name == "lm_head.weight" else "model." + name
 
 
 def remote_code_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: Optional[int],

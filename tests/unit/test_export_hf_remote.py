@@ -73,3 +73,24 @@ def test_seed_checkpoint_exports_to_hf(tmp_path):
     with torch.no_grad():
         theirs = hf(tokens).logits
     assert float((theirs - seed_forward(written["model"], 4, 2, tokens)).abs().max()) < 1e-5
+
+
+def test_init_from_a_remote_code_export(tmp_path):
+    from moe_dist import model as lm
+    from moe_dist.config import ModelConfig
+    from moe_dist.run import init_from
+
+    kw = CASES["seed"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MoETransformer, "reset_parameters", _rough_init)
+        model, folder = make_checkpoint(tmp_path, kw)
+    dest = tmp_path / "hf"
+    assert main([str(folder), "--format", "hf", "-o", str(dest), "-q"]) == 0
+    cfg = ModelConfig(**kw)
+    init_from.check(str(dest), cfg)
+    fresh = lm.build(cfg)
+    init_from.load(str(dest), fresh)
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(Exception, match="model.d_ff"):
+        init_from.check(str(dest), ModelConfig(**{**kw, "d_ff": 64}))
