@@ -119,3 +119,13 @@ def test_refuses_any_other_global_naming_it(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(CheckpointError, match="not empty|no such file"):
         import_seed(str(tmp_path / "missing.pt"), str(tmp_path / "run"), log=lambda _l: None)
+
+
+def test_resume_from_a_seed_file_says_how(tmp_path):
+    from moe_dist.checkpoint.layout import resolve_resume
+
+    src = tmp_path / "checkpoint_latest.pt"
+    make_seed_checkpoint(src)
+    with pytest.raises(CheckpointError, match="moe-ckpt import-seed .*--resume auto") as e:
+        resolve_resume(str(src), str(tmp_path / "run"))
+    assert str(e.value).startswith("--resume ") and "\n" not in str(e.value)
