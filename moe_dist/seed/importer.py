@@ -66,14 +66,22 @@ def run_config(sc: SeedCheckpoint, output_dir: str, overrides: dict[str, Any]) -
     E = _count(sd, "transformer_blocks.0.feed_forward.experts.", ".linear1.weight")
     d_ff = sd["transformer_blocks.0.feed_forward.experts.0.linear1.weight"].shape[0]
     muon_g, adam_g = sc.optimizer_states[0]["param_groups"][0], sc.optimizer_states[1]["param_groups"][0]
-    max_steps = int(_first(c, "max_steps"))
+
+    def need(key: str, *names: str) -> int:  # a field the tensors do not tell: the seed config's, or --set's
+        value = overrides.get(key, _first(c, *names))
+        if value is None:
+            raise CheckpointError(f"{sc.path}: the seed config has none of {', '.join(names)}; pass it with "
+                                  f"--set {key}=VALUE")
+        return int(value)
+
+    max_steps, seq = need("train.max_steps", "max_steps"), need("model.max_seq_len", "max_seq_len")
     micro, opt_steps = sc.micro_step, optimizer_steps(sc)
     accum = int(_first(c, "gradient_accumulation_steps", default=max(1, micro // max(opt_steps, 1))))
     batch = int(_first(c, "batch_size", default=get_preset(sc.preset).train.micro_batch_size))
-    seq = int(_first(c, "max_seq_len"))
     values = {
         "model.vocab_size": V, "model.d_model": d, "model.n_layers": L, "model.num_experts": E, "model.d_ff": d_ff,
-        "model.n_heads": int(_first(c, "n_heads")), "model.top_k": int(_first(c, "expert_top_k", "top_k", default=2)),
+        "model.n_heads": need("model.n_heads", "n_heads", "num_heads"),
+        "model.top_k": int(_first(c, "expert_top_k", "top_k", default=2)),
         "model.max_seq_len": seq, "model.dropout": float(_first(c, "dropout", default=0.1)),
         "model.load_balancing_weight": float(_first(c, "load_balancing_weight", default=0.01)),
         "train.seq_len": seq, "train.micro_batch_size": batch, "train.global_batch_size": batch * accum,

@@ -129,3 +129,15 @@ def test_resume_from_a_seed_file_says_how(tmp_path):
     with pytest.raises(CheckpointError, match="moe-ckpt import-seed .*--resume auto") as e:
         resolve_resume(str(src), str(tmp_path / "run"))
     assert str(e.value).startswith("--resume ") and "\n" not in str(e.value)
+
+
+def test_a_field_the_seed_config_lacks_is_asked_for(tmp_path):
+    src = tmp_path / "s.pt"
+    make_seed_checkpoint(src)
+    sc = load_seed(src)
+    del sc.config["n_heads"]
+    from moe_dist.seed.importer import run_config
+
+    with pytest.raises(CheckpointError, match=r"none of n_heads, num_heads; pass it with --set model.n_heads=VALUE"):
+        run_config(sc, str(tmp_path / "run"), {})
+    assert run_config(sc, str(tmp_path / "run"), {"model.n_heads": 4}).model.n_heads == 4
