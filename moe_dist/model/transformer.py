@@ -132,8 +132,9 @@ class MoETransformer(nn.Module):
 
     ``aux_loss`` is ``load_balancing_weight *`` the mean over layers of the Switch loss (their sum with
     ``aux_loss_reduction='sum'``), ready to be added to the cross-entropy. Set
-    ``gradient_checkpointing = True`` to recompute each block in backward (non-reentrant checkpoint; it restores the RNG state, so router noise, routing and
-    dropout masks are identical in the recompute).
+    ``gradient_checkpointing = True`` to recompute each block in backward (non-reentrant checkpoint;
+    it restores the RNG state, so router noise, routing and dropout masks are identical in the
+    recompute).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

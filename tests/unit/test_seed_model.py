@@ -135,3 +135,18 @@ def test_other_presets_keep_their_choices(name):
 def test_options_are_validated(field, value, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace(")", r"\)")):
         dataclasses.replace(ModelConfig(), **{field: value})
+
+
+def test_seed_optimizer_options():
+    from moe_dist.run.optim import LRSchedule, param_groups, uses_muon
+
+    model, _ = _seed_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.1, "adamw")
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if not uses_muon(n, p)}
+    assert any("norm" in names[id(p)] for p in decay["params"]) and all(uses_muon(names[id(p)], p)
+                                                                           for p in no_decay["params"])
+    seed = LRSchedule(20, 400, 0.1, 0.01, 0.001, warmup_from_zero=True)
+    assert seed.factor(0) == 0.0 and seed.factor(10) == 0.5 and seed.factor(20) == 1.0
+    assert LRSchedule(20, 400, 0.1, 0.01, 0.001).factor(0) == 1 / 20
