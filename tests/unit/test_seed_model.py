@@ -150,3 +150,20 @@ def test_seed_optimizer_options():
     seed = LRSchedule(20, 400, 0.1, 0.01, 0.001, warmup_from_zero=True)
     assert seed.factor(0) == 0.0 and seed.factor(10) == 0.5 and seed.factor(20) == 1.0
     assert LRSchedule(20, 400, 0.1, 0.01, 0.001).factor(0) == 1 / 20
+
+
+def test_expert_dropout_is_the_same_on_both_kernels():
+    from moe_dist.model import GroupedExperts
+
+    torch.manual_seed(10)
+    experts = GroupedExperts(16, 24, "silu_mlp", 3, dropout=0.4).train()
+    counts = torch.tensor([5, 0, 7])
+    x = torch.randn(12, 16)
+    key = assignment_keys(torch.tensor(99), torch.arange(12), torch.tensor([0] * 5 + [2] * 7), 3)
+    outs = {}
+    for kernel in ("grouped", "loop"):
+        experts.kernel = kernel
+        outs[kernel] = experts(x, counts, key)
+    torch.testing.assert_close(outs["grouped"], outs["loop"])
+    experts.eval()
+    assert torch.equal(experts(x, counts), experts(x, counts))  # eval: no dropout, no key needed
