@@ -81,7 +81,8 @@ def load_seed(path: str | Path) -> SeedCheckpoint:
         raise CheckpointError(f"{p}: no such file; expected a seed checkpoint (checkpoint_step_<N>.pt)")
     try:
         with torch.serialization.safe_globals([(stub, name) for name, stub in _STUBS.items()]):
-            data = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)  # b200: ~90 GB, not read into memory
+            # mmap: a b200 file (~90 GB) is not read into memory
+            data = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError with the global's name
         raise CheckpointError(_refusal(p, e)) from None
     if not isinstance(data, dict) or not all(k in data for k in SEED_KEYS):
