@@ -6,6 +6,7 @@
     moe-ckpt info runs/r/checkpoints/checkpoint_step_500
     moe-ckpt verify runs/r/checkpoints/checkpoint_latest      # manifest sizes + checksums, NaN/inf, expert audit
     moe-ckpt verify runs/r --no-checksums                     # sizes only: fast on a big checkpoint
+    moe-ckpt import-seed checkpoint_step_5000.pt --output-dir runs/from_seed   # the seed trainer's .pt
 
 PATH is a ``checkpoint_step_<N>`` folder, a ``checkpoint_latest`` link, a ``checkpoints/`` folder
 or a run folder (the last two mean their newest complete save: the one ``--resume auto`` takes);
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-ckpt", description="Inspect and verify moe_dist checkpoints (offline, no GPU or process group).",
         epilog="PATH: a checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its latest checkpoint). "
                "Exit codes: 0 ok, 1 checkpoint incomplete/corrupt, 2 PATH is not a checkpoint.")
-    sub = p.add_subparsers(dest="command", metavar="{info,verify}")
+    sub = p.add_subparsers(dest="command", metavar="{info,verify,import-seed}")
     info = sub.add_parser("info", help="Step, tokens, topology, optimizer, size, saved_at and model of a checkpoint.")
     info.add_argument("path", metavar="PATH")
     ver = sub.add_parser("verify", help="Check every file against manifest.json, every tensor for NaN/inf and "
@@ -181,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", metavar="PATH")
     ver.add_argument("--no-checksums", action="store_true",
                      help="Check file sizes only, not checksums or finiteness (fast; misses flipped bits).")
+    imp = sub.add_parser("import-seed", help="Turn a seed trainer checkpoint (checkpoint_step_<N>.pt) into a moe_dist "
+                                             "run folder with its whole training state; resume it with moe-train "
+                                             "--config DIR/config.yaml --output-dir DIR --resume auto.")
+    imp.add_argument("path", metavar="FILE.pt")
+    imp.add_argument("--output-dir", required=True, help="A new (or empty) run folder to write.")
+    imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="Config overrides for the run (e.g. data.tokenizer=DIR, data.store=DIR).")
     return p
 
 
@@ -219,12 +227,26 @@ def _print_info(info: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _import_seed(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, parse_set_args
+    from ..seed.importer import import_seed
+
+    try:
+        import_seed(args.path, args.output_dir, parse_set_args(args.set))
+    except (CheckpointError, ConfigError) as e:
+        _error(str(e))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.command == "import-seed":
+        return _import_seed(args)
     try:
         folder = layout.find_checkpoint(args.path)  # not a checkpoint: exit 2; incomplete: 1, below
     except CheckpointError as e:

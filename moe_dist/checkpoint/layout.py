@@ -191,6 +191,12 @@ def find_checkpoint(spec: str | os.PathLike) -> Path:
     if p.is_symlink():
         p = p.resolve()
     if not p.is_dir():
+        from ..seed.load import looks_like_seed
+
+        if looks_like_seed(p):
+            raise CheckpointError(f"{spec}: a seed trainer checkpoint; import it once with `moe-ckpt import-seed {spec} "
+                                  "--output-dir DIR`, then resume with `moe-train --config DIR/config.yaml --output-dir "
+                                  "DIR --resume auto`")
         raise CheckpointError(f"{spec}: a file, not a folder; give a checkpoint_step_<N> folder, {LATEST} "
                               "or a run folder")
     if _looks_like_checkpoint(p):

@@ -373,7 +373,8 @@ class CheckpointManager:
                                   f"`moe-ckpt verify {path}` or resume from another checkpoint") from None
         topo = saved["topology"]
         self.trainer.state.load_state_dict(saved["trainer"])
-        self.trainer.sampler.load_state_dict(saved["sampler"])
+        if not saved["sampler"].get("fresh"):  # an imported checkpoint (moe-ckpt import-seed) has no data cursor
+            self.trainer.sampler.load_state_dict(saved["sampler"])
         self.trainer.metrics.history[:] = [r for r in saved["metrics"]["history"] if r["step"] <= saved["step"]]
         self.last_saved_step, self.last_saved_path = saved["step"], path
         self.log.info(f"resumed from {path} at step {saved['step']} in {time.perf_counter() - t0:.2f}s "

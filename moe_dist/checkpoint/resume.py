@@ -27,7 +27,8 @@ from .manifest import verify_manifest
 from .train_state import read_train_state
 
 # Model fields that change how a model trains, not its shapes: a resume may change them.
-TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std")
+TRAINING_ONLY_MODEL_FIELDS = ("router_noise_std", "load_balancing_weight", "init_std", "scaled_residual_init", "dropout",
+                              "aux_loss_reduction")
 
 
 def check_same_architecture(where: Any, saved_model: dict[str, Any], model_cfg: Any) -> None:  # noqa: ANN401

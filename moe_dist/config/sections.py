@@ -13,9 +13,7 @@ raises :class:`ConfigError` naming the field, the expected and the found value.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional
 
 
@@ -59,6 +57,18 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
     init_std: float = _f(0.02, "Std of the normal initialisation of weight matrices.")
+    scaled_residual_init: bool = _f(True, "wo and w_down start from N(0, init_std / sqrt(2 * n_layers)) (GPT-2); "
+                                          "False: every matrix N(0, init_std), the seed's.")
+    embed_scale: bool = _f(False, "Multiply the embedding output by sqrt(d_model) (the seed's model).")
+    dropout: float = _f(0.0, "Training dropout at the seed's six places: embedding, attention probabilities, both "
+                             "residual branches, inside each expert (before w_down), before the head. Same masks on "
+                             "any world size / EP degree and under activation checkpointing (model/dropout.py).")
+    fused_qkv: bool = _f(False, "One attention projection wqkv (rows [Q | K | V]) instead of wq, wk, wv, so Muon "
+                                "orthogonalises the one fused matrix as the seed does.")
+    rope_layout: str = _f("half", "'half': rotary pairs (i, i + head_dim/2), fp64 tables; 'interleaved': pairs "
+                                  "(2i, 2i+1), fp32 tables (torchtune's RotaryPositionalEmbeddings, the seed's).")
+    aux_loss_reduction: str = _f("mean", "How the per-layer load-balancing losses combine: 'mean' over layers, or "
+                                         "'sum' (the seed).")
 
     def __post_init__(self) -> None:
         s = "model"
@@ -69,9 +79,13 @@ class ModelConfig:
         kv = self.kv_heads
         _require(self.n_heads % kv == 0, s, "n_kv_heads", f"a divisor of n_heads ({self.n_heads})", self.n_kv_heads)
         _require(self.top_k <= self.num_experts, s, "top_k", f"<= num_experts ({self.num_experts})", self.top_k)
-        _require(self.expert_type in ("swiglu", "silu_mlp"), s, "expert_type", "'swiglu' or 'silu_mlp'", self.expert_type)
+        for name, choices in (("expert_type", ("swiglu", "silu_mlp")), ("rope_layout", ("half", "interleaved")),
+                              ("aux_loss_reduction", ("mean", "sum"))):
+            _require(getattr(self, name) in choices, s, name, " or ".join(map(repr, choices)), getattr(self, name))
         _require(self.load_balancing_weight >= 0, s, "load_balancing_weight", ">= 0", self.load_balancing_weight)
         _require(self.router_noise_std >= 0, s, "router_noise_std", ">= 0", self.router_noise_std)
+        _require(0.0 <= self.dropout < 1.0, s, "dropout", "a rate in [0, 1)", self.dropout)
+        _require(self.norm_eps > 0, s, "norm_eps", "> 0", self.norm_eps)
 
     @property
     def kv_heads(self) -> int:
@@ -149,10 +163,13 @@ class TrainConfig:
     seq_len: int = _f(128, "Tokens per training sequence (<= model.max_seq_len).")
     max_steps: int = _f(200, "Optimizer steps to train for (absolute: a resumed run stops at this step).")
     warmup_steps: int = _f(10, "Linear LR warmup, in optimizer steps (not micro-batches).")
+    warmup_from_zero: bool = _f(False, "Warmup factor step / warmup_steps (the seed's), not (step + 1) / warmup_steps.")
     min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of the peak LR.")
     muon_lr: float = _f(0.02, "Peak LR of Muon (2-D hidden matrices, router).")
     adamw_lr: float = _f(3e-3, "Peak LR of AdamW (embeddings, norms, biases).")
     weight_decay: float = _f(0.1, "Decoupled weight decay of both optimizers.")
+    weight_decay_on: str = _f("matrices", "What decays: 'matrices' (every 2-D parameter, norm gains not) or "
+                                          "'adamw' (AdamW's: embedding and norms; Muon's not: the seed's split).")
     adam_betas: tuple = _f((0.9, 0.95), "AdamW betas.")
     muon_momentum: float = _f(0.95, "Muon momentum.")
     grad_clip: Optional[float] = _f(
@@ -178,6 +195,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, s, "warmup_steps", ">= 0", self.warmup_steps)
         _require(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "between 0 and 1", self.min_lr_ratio)
         _require(self.optimizer in ("muon", "adamw"), s, "optimizer", "'muon' or 'adamw'", self.optimizer)
+        _require(self.weight_decay_on in ("matrices", "adamw"), s, "weight_decay_on", "'matrices' or 'adamw'",
+                 self.weight_decay_on)
         _require(self.muon_lr > 0 and self.adamw_lr > 0, s, "muon_lr/adamw_lr", "> 0", (self.muon_lr, self.adamw_lr))
         _require(self.grad_clip is None or self.grad_clip >= 0, s, "grad_clip", ">= 0 or None", self.grad_clip)
         _require(self.eval_batches is None or self.eval_batches > 0, s, "eval_batches", "> 0 or None",
@@ -280,116 +299,3 @@ class RunConfig:
 def _section_classes() -> dict:
     return {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
-
-
-# --------------------------------------------------------------------------- overrides
-def _coerce(value: str, current: Any, where: str) -> Any:
-    """Parse a --set string into the type of the field's current value."""
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    if low in ("none", "null"):
-        return None
-    try:
-        if isinstance(current, bool):
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, (list, tuple)):
-            parsed = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            return type(current)(parsed)
-    except ValueError:
-        raise ConfigError(f"{where}: cannot parse {value!r} as {type(current).__name__}") from None
-    if current is None:
-        # Optional field without a typed default: try number, then keep the string.
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    return value
-
-
-def resolve_key(key: str, source: str = "--set") -> tuple[str, str]:
-    """Map 'section.field' or a unique bare 'field' to (section, field); errors start with ``source``."""
-    from ..cli_args import field_hint
-
-    classes = _section_classes()
-    known = [f"{s}.{f.name}" for s, c in classes.items() for f in fields(c)]
-    if "." in key:
-        sec, name = key.split(".", 1)
-        if sec not in classes:
-            raise ConfigError(f"{source} {key}: unknown section {sec!r}; sections are {', '.join(SECTIONS)}"
-                              f"{field_hint(key, known)}")
-        if name not in {f.name for f in fields(classes[sec])}:
-            raise ConfigError(f"{source} {key}: {sec} has no field {name!r}{field_hint(key, known)} "
-                              "(see `moe-train --help-config`)")
-        return sec, name
-    hits = [sec for sec, c in classes.items() if key in {f.name for f in fields(c)}]
-    if not hits:
-        raise ConfigError(f"{source} {key}: no config field is named {key!r}{field_hint(key, known)} "
-                          "(see `moe-train --help-config`)")
-    if len(hits) > 1:
-        raise ConfigError(f"{source} {key}: ambiguous, exists in {', '.join(hits)}; write e.g. {hits[0]}.{key}")
-    return hits[0], key
-
-
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Return a new, validated RunConfig with overrides (key -> value or string) applied."""
-    d = cfg.to_dict()
-    for key, value in overrides.items():
-        sec, name = resolve_key(key)
-        d[sec][name] = _coerce(value, d[sec][name], f"{sec}.{name}")
-    d["preset"] = cfg.preset
-    try:
-        return RunConfig.from_dict(d)
-    except TypeError as e:  # wrong type reached a comparison in validation
-        raise ConfigError(f"invalid override: {e}") from None
-
-
-def parse_set_args(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.d_model=256")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML/JSON override file: either nested {section: {field: v}} or flat {'section.field': v}."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise ConfigError(f"config file {path}: cannot parse ({e.__class__.__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at top level, found {type(data).__name__}")
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        if k in SECTIONS and isinstance(v, dict):
-            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        elif k != "preset":
-            flat[k] = v
-    return flat
-
-
-def architecture_diff(saved: dict, requested: ModelConfig) -> list[str]:
-    """Fields of ModelConfig that differ between a saved config dict and a requested one."""
-    req = dataclasses.asdict(requested)
-    return [f"model.{k}: saved {saved.get(k)!r}, requested {v!r}" for k, v in req.items() if saved.get(k) != v]

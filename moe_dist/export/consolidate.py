@@ -50,7 +50,7 @@ from ..checkpoint import layout
 from ..checkpoint.reader import DEFAULT_READ_BUDGET, Advance, Checkpoint, read_train_state
 from ..config import ConfigError
 from .errors import ConsolidateError
-from .hf import check_exportable, hf_tensor_name, is_hf_export, write_hf
+from .hf import check_exportable, is_hf_export, tensor_renamer, write_hf
 from .pt_writer import write_pt
 from .safetensors_writer import MOE_CONFIG, safetensors_files, write_safetensors
 
@@ -78,7 +78,7 @@ def verify_output(ckpt: Checkpoint, out: Path, fmt: str, dtype: torch.dtype, bud
     else:
         from safetensors import safe_open
 
-        rename = hf_tensor_name if fmt == "hf" else (lambda name: name)
+        rename = tensor_renamer(ckpt.config.model) if fmt == "hf" else (lambda name: name)
         handles = {}
         for path in safetensors_files(out):
             with safe_open(str(path), "pt") as f:

@@ -7,8 +7,11 @@ Exit codes: 0 done, 1 ``--verify`` found a difference, 2 a user error (one line,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Optional
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
 
 from ..cli_args import Parser
 from ..checkpoint.errors import CheckpointError
@@ -24,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(transformers MixtralForCausalLM) folder, offline on CPU "
                     "(no process group, no DeepSpeed), reading only the model weights with bounded memory.",
         epilog="Exit codes: 0 done, 1 --verify found a difference, 2 a user error.")
-    p.add_argument("checkpoint", help="checkpoint_step_<N> folder, checkpoint_latest, or a run folder (its newest)")
+    p.add_argument("checkpoint", help="checkpoint_step_<N> folder, checkpoint_latest, a run folder (its newest), or a "
+                                      "seed trainer checkpoint_step_<N>.pt")
     p.add_argument("-o", "--out", help="output .pt file, or folder for safetensors / hf (default: "
                    "CHECKPOINT/../consolidated_step_<N>.pt, .../consolidated_step_<N>/ or .../consolidated_step_<N>_hf/)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default fp32)")
@@ -40,6 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of the checkpoint's own (e.g. an old checkpoint whose tokenizer folder is gone)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
+
+
+@contextlib.contextmanager
+def _seed_as_checkpoint(a: argparse.Namespace) -> Iterator[str]:
+    """A seed trainer ``.pt`` is imported (``moe_dist.seed``) into a temporary run folder first, and the
+    output goes beside the ``.pt`` unless ``-o`` says where; any other CHECKPOINT passes through."""
+    from ..seed.load import looks_like_seed
+
+    if not looks_like_seed(a.checkpoint):
+        yield a.checkpoint
+        return
+    from ..seed.importer import import_seed
+
+    src = Path(a.checkpoint)
+    if a.out is None:
+        a.out = str(src.with_name(src.stem + "_moe_dist" + {"pt": ".pt", "safetensors": "", "hf": "_hf"}[a.fmt]))
+    with tempfile.TemporaryDirectory(prefix="seed-import-") as tmp:
+        yield str(import_seed(str(src), str(Path(tmp) / "run"), log=lambda _line: None))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -61,8 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return lambda n: bar.advance(task, n)
 
     try:
-        with bar:
-            res = consolidate(a.checkpoint, a.out, dtype=a.dtype, fmt=a.fmt, max_shard_size=a.max_shard_size,
+        with bar, _seed_as_checkpoint(a) as source:
+            res = consolidate(source, a.out, dtype=a.dtype, fmt=a.fmt, max_shard_size=a.max_shard_size,
                               verify=a.verify, verify_manifest=not a.no_verify_manifest, force=a.force,
                               read_budget=a.read_budget, progress=progress, tokenizer=a.tokenizer)
     except (ConsolidateError, CheckpointError) as e:

@@ -18,9 +18,11 @@ tests load with the installed 5.x):
 * ``layers.i.ffn.experts.e.w_gate/w_up/w_down`` -> ``model.layers.i.block_sparse_moe.experts.e.w1/w3/w2``
 * ``lm_head.weight`` -> ``lm_head.weight``, absent when tied (``tie_word_embeddings``)
 
-Refused (no transformers class computes them exactly): ``expert_type=silu_mlp`` experts
-(``down(silu(up(x)))``, Mixtral's are ``w2(silu(w1 x) * w3 x)``) and the ungated shared expert
-(Qwen2-MoE's shared expert is scaled by a learned sigmoid gate, never exactly 1).
+Where no transformers class computes the model exactly (``expert_type=silu_mlp`` experts
+``down(silu(up(x)))``, Mixtral's being ``w2(silu(w1 x) * w3 x)``; an ungated shared expert; the seed's
+fused qkv, interleaved rotary pairs and sqrt(d) embedding scale), the export ships its own modeling
+file (``hf_modeling.py`` as ``modeling_moe_dist.py``, named by ``auto_map``): load it with
+``from_pretrained(folder, trust_remote_code=True)``. Its tensors keep our names under ``model.``.
 
 The tokenizer goes along: a Hugging Face tokenizer's own files, or for the byte tokenizer a
 ``tokenizers`` byte-level model with the same ids (byte ``b`` -> id ``b``, ``<|endoftext|>`` -> 256).
@@ -43,6 +45,7 @@ from .safetensors_writer import write_safetensors_shards
 from ..data.errors import DataError
 from ..data.tokenizer import ByteTokenizer, hf_tokenizer_files, write_tokenizer_files
 
+REMOTE_MODULE = "modeling_moe_dist"  # the file name hf_modeling.py is shipped under, for trust_remote_code
 HF_MARKER = "moe_dist_export"  # key of config.json naming what was exported (and what --force may replace)
 BYTE_EOS_TOKEN = "<|endoftext|>"
 
@@ -83,16 +86,45 @@ def is_hf_export(folder: Path) -> bool:
         return False
 
 
+def needs_remote_code(cfg: ModelConfig) -> bool:
+    """Whether no transformers class computes ``cfg`` exactly, so the export ships ``hf_modeling.py``:
+    two-matrix SiLU experts, an ungated shared expert (Qwen2-MoE's is scaled by a learned sigmoid gate),
+    a fused qkv, interleaved rotary pairs or an embedding scale (the seed's architecture)."""
+    return (cfg.expert_type != "swiglu" or cfg.shared_expert or cfg.fused_qkv or cfg.embed_scale
+            or cfg.rope_layout != "half")
+
+
 def check_exportable(cfg: ModelConfig) -> None:
-    """Refuse, in one line, what MixtralForCausalLM cannot compute exactly."""
-    if cfg.expert_type != "swiglu":
-        raise ExportError(f"model.expert_type is {cfg.expert_type!r}: --format hf needs 'swiglu' experts; the seed's "
-                          "two-matrix SiLU experts down(silu(up(x))) have no exact transformers class (Mixtral's are "
-                          "w2(silu(w1 x) * w3 x)); export with --format safetensors or pt instead")
-    if cfg.shared_expert:
-        raise ExportError("model.shared_expert is true: --format hf cannot hold an always-on shared expert (Mixtral "
-                          "has none, and Qwen2-MoE scales its shared expert by a learned sigmoid gate, never exactly "
-                          "1); export with --format safetensors or pt instead")
+    """Refuse, in one line, what neither Mixtral nor the shipped modeling file computes (nothing today:
+    kept as the one place such a rule goes, called before anything is written)."""
+    del cfg
+
+
+def tensor_renamer(cfg: ModelConfig) -> Callable[[str], str]:
+    """The exported name of each of our tensors: Mixtral's, or ours under ``model.`` for the shipped
+    modeling file (``lm_head.weight`` stays at the top)."""
+    return remote_tensor_name if needs_remote_code(cfg) else hf_tensor_name
+
+
+def remote_tensor_name(name: str) -> str:
+    """The name of one of our tensors in an export with its own modeling file: ours under ``model.``."""
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def remote_code_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: Optional[int],
+                       info: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of an export whose model is ``modeling_moe_dist.py`` (``auto_map``)."""
+    fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "num_experts", "expert_type",
+              "shared_expert", "max_seq_len", "rope_theta", "norm_eps", "embed_scale", "fused_qkv",
+              "rope_layout")
+    return {"architectures": ["MoEDistForCausalLM"], "model_type": "moe_dist",
+            "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.MoEDistConfig",
+                         "AutoModelForCausalLM": f"{REMOTE_MODULE}.MoEDistForCausalLM"},
+            **{k: getattr(cfg, k) for k in fields}, "num_experts_per_tok": cfg.top_k,
+            "tie_word_embeddings": cfg.tie_embeddings, "use_cache": False,
+            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None,
+            "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+            HF_MARKER: info}
 
 
 def mixtral_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: Optional[int], info: dict[str, Any]) -> dict[str, Any]:
@@ -175,9 +207,13 @@ def write_hf(ckpt: Checkpoint, out: Path, dtype: torch.dtype, max_shard: int, bu
                               "tokenizer with --tokenizer DIR")
     eos = spec.get("eos_id")
     write_tokenizer_files(files, out)  # first: the weights and configs below win any name clash
-    total, _ = write_safetensors_shards(ckpt, out, dtype, max_shard, budget, progress, rename=hf_tensor_name)
+    total, _ = write_safetensors_shards(ckpt, out, dtype, max_shard, budget, progress, rename=tensor_renamer(cfg))
     info = {"step": ckpt.step, "tokens": ckpt.state.get("tokens"), "source": ckpt.folder.name, "format_version": 1}
-    (out / "config.json").write_text(json.dumps(mixtral_config(cfg, dtype, eos, info), indent=2) + "\n")
+    remote = needs_remote_code(cfg)
+    if remote:
+        (out / f"{REMOTE_MODULE}.py").write_text((Path(__file__).parent / "hf_modeling.py").read_text())
+    config = (remote_code_config if remote else mixtral_config)(cfg, dtype, eos, info)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = generation_config(eos, int(spec.get("vocab_size") or cfg.vocab_size), cfg.vocab_size)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return total

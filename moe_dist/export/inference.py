@@ -15,7 +15,9 @@ Accepted paths:
 * a consolidated ``.pt`` (``moe-consolidate``), read with ``torch.load(weights_only=True, mmap=True)``:
   a file that holds anything but tensors and plain containers is refused, never unpickled;
 * a safetensors export: a ``.safetensors`` file, a ``model.safetensors.index.json``, or their folder
-  (with ``moe_dist_config.json`` beside them for the config, step and tokenizer).
+  (with ``moe_dist_config.json`` beside them for the config, step and tokenizer);
+* a seed trainer checkpoint (``checkpoint_step_<N>.pt``): read safely by ``moe_dist.seed``, its step
+  the seed's own (micro-batches).
 
 Generation (``export/generation.py``) keeps a KV cache: the prompt is run once, then each new token
 is one position; ``moe-generate`` streams the text as it comes and reports its start-up, time to
@@ -67,7 +69,10 @@ def _read_pt(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors and plain containers, "
+        from ..seed.load import unsafe_global
+
+        named = f" (here {unsafe_global(e)})" if unsafe_global(e) else ""
+        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors and plain containers{named}, "
                               "which could run code when loaded (torch.load(weights_only=True) stopped at: "
                               f"{_first_line(e)}); only load it with weights_only=False if you trust its origin, "
                               "or re-export it with moe-consolidate") from None
@@ -108,6 +113,13 @@ def checkpoint_info(path: str | Path, verify: bool = True) -> CheckpointInfo:
             return _safetensors_info(p)
         if not zipfile.is_zipfile(p) and p.suffix not in (".pt", ".pth"):
             raise CheckpointError(f"{path}: not a checkpoint (expected a DCP folder, a .pt or a safetensors export)")
+        from ..seed.load import looks_like_seed
+
+        if looks_like_seed(p):  # the seed trainer's checkpoint_step_<N>.pt (moe_dist/seed/)
+            from ..seed.importer import as_export
+
+            obj = as_export(p)
+            return CheckpointInfo("pt", p, obj["step"], obj["config"], obj["metrics"], {}, obj)
         obj = _read_pt(p)
         return CheckpointInfo("pt", p, int(obj.get("step") or 0), obj["config"], obj.get("metrics") or {},
                               obj.get("tokenizer") or {}, obj)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .dropout import expert_dropout
 
 EXPERT_KERNELS = ("auto", "grouped", "loop")
 
@@ -29,16 +31,17 @@ EXPERT_KERNELS = ("auto", "grouped", "loop")
 class Expert(nn.Module):
     """One dense MLP (the shared expert). 'swiglu': down(silu(gate(x)) * up(x)); 'silu_mlp': down(silu(up(x)))."""
 
-    def __init__(self, d_model: int, d_ff: int, expert_type: str) -> None:
+    def __init__(self, d_model: int, d_ff: int, expert_type: str, dropout: float = 0.0) -> None:
         super().__init__()
         _check_expert_type(expert_type)
+        self.dropout = dropout  # on the hidden units, in training (it runs on the token's rank: torch's RNG)
         self.w_gate = nn.Linear(d_model, d_ff, bias=False) if expert_type == "swiglu" else None
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         h_NF = F.silu(self.w_gate(x_ND)) * self.w_up(x_ND) if self.w_gate is not None else F.silu(self.w_up(x_ND))
-        return self.w_down(h_NF)
+        return self.w_down(F.dropout(h_NF, self.dropout, self.training))
 
 
 def _check_expert_type(expert_type: str) -> None:
@@ -134,16 +137,18 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
 class GroupedExperts(nn.Module):
     """The experts of one layer held by this process, stacked (see the module docstring).
 
-    ``forward(x_AD, counts_El) -> y_AD``: ``x_AD`` rows sorted by local expert, ``counts_El`` (on the
-    device) how many rows each expert gets. Every expert's matrices get a gradient on every step
+    ``forward(x_AD, counts_El, key_A) -> y_AD``: ``x_AD`` rows sorted by local expert, ``counts_El`` (on
+    the device) how many rows each expert gets, ``key_A`` each row's dropout key (``model/dropout.py``;
+    needed in training when ``dropout`` > 0). Every expert's matrices get a gradient on every step
     (an exact zero when it got no rows), so the parameters with gradients are the same on every
     step and rank, as ZeRO's hooks and ZeRO-3's collective gathers require.
     """
 
-    def __init__(self, d_model: int, d_ff: int, expert_type: str, num_experts: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, expert_type: str, num_experts: int, dropout: float = 0.0) -> None:
         super().__init__()
         _check_expert_type(expert_type)
         self.first, self.num_local = 0, num_experts
+        self.dropout = dropout  # between silu and w_down, in training
         self.kernel = "auto"  # resolved on first use, or by select_expert_kernel at build
         # No device named on purpose: parameters are made where model.build puts the whole model.
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_ff, d_model)) if expert_type == "swiglu" else None
@@ -182,23 +187,35 @@ class GroupedExperts(nn.Module):
             setattr(self, matrix, nn.Parameter(p.detach()[lo:lo + len(ids)].clone(), requires_grad=p.requires_grad))
         self.first, self.num_local = ids.start, len(ids)
 
-    def forward(self, x_AD: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, counts_El: torch.Tensor,
+                key_A: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.kernel == "auto":
             self.kernel = "grouped" if grouped_mm_supported(x_AD.device.type, self.w_up.dtype) else "loop"
+        drop = self.dropout if self.training else 0.0
+        if drop > 0 and key_A is None:
+            raise ValueError("GroupedExperts: dropout in training needs each row's key (key_A), which the "
+                             "dispatcher passes")
         if self.kernel == "loop":
-            return self._loop(x_AD, counts_El)
+            return self._loop(x_AD, counts_El, key_A, drop)
         offs_El = torch.cumsum(counts_El, 0, dtype=torch.int32)
         up_AF = _grouped_mm(x_AD, self.w_up, offs_El)
         h_AF = F.silu(_grouped_mm(x_AD, self.w_gate, offs_El)) * up_AF if self.w_gate is not None else F.silu(up_AF)
+        if drop > 0:
+            h_AF = expert_dropout(h_AF, key_A, drop)
         return _grouped_mm(h_AF, self.w_down, offs_El)
 
-    def _loop(self, x_AD: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x_AD: torch.Tensor, counts_El: torch.Tensor, key_A: Optional[torch.Tensor],
+              drop: float) -> torch.Tensor:
         """One matmul chain per expert on its slice: the fallback where no grouped kernel runs
         (one host sync per call: the slice bounds)."""
         outs = []
-        for j, x_ND in enumerate(x_AD.split(counts_El.tolist())):
+        sizes = counts_El.tolist()
+        keys = key_A.split(sizes) if drop > 0 else [None] * len(sizes)
+        for j, (x_ND, key_N) in enumerate(zip(x_AD.split(sizes), keys)):
             up_NF = x_ND @ self.w_up[j].T
             h_NF = F.silu(x_ND @ self.w_gate[j].T) * up_NF if self.w_gate is not None else F.silu(up_NF)
+            if drop > 0:
+                h_NF = expert_dropout(h_NF, key_N, drop)
             outs.append(h_NF @ self.w_down[j].T)
         return torch.cat(outs, 0) if outs else x_AD
 

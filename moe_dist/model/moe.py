@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .dropout import assignment_keys, draw_base
 from .experts import Expert, GroupedExperts
 
 
@@ -129,12 +130,14 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,
-                 experts: GroupedExperts, capacity_factor: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                 experts: GroupedExperts, capacity_factor: Optional[float],
+                 drop_base: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if experts.num_local != self.num_experts:
             raise ValueError(f"LocalDispatcher needs all {self.num_experts} experts in the layer, found "
                              f"{experts.num_local} ({experts.ids}); expert parallelism installs its own dispatcher")
         a = flatten_assignments(topk_idx_TK, topk_w_TK, self.num_experts, capacity_factor)
-        y_AD = experts(x_TD.index_select(0, a.token_A), a.counts_E)
+        key_A = None if drop_base is None else assignment_keys(drop_base, a.token_A, a.expert_A, self.num_experts)
+        y_AD = experts(x_TD.index_select(0, a.token_A), a.counts_E, key_A)
         return combine(y_AD, a, x_TD), a.dropped
 
 
@@ -151,8 +154,8 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.noise_std = cfg.num_experts, cfg.top_k, cfg.router_noise_std
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        self.experts = GroupedExperts(cfg.d_model, cfg.d_ff, cfg.expert_type, cfg.num_experts)
-        self.shared_expert = Expert(cfg.d_model, cfg.d_ff, cfg.expert_type) if cfg.shared_expert else None
+        self.experts = GroupedExperts(cfg.d_model, cfg.d_ff, cfg.expert_type, cfg.num_experts, cfg.dropout)
+        self.shared_expert = Expert(cfg.d_model, cfg.d_ff, cfg.expert_type, cfg.dropout) if cfg.shared_expert else None
         self.dispatcher = LocalDispatcher(cfg.num_experts)
         self.capacity_factor: Optional[float] = None
         self.last_tokens_per_expert: Optional[torch.Tensor] = None
@@ -167,7 +170,11 @@ class MoEFeedForward(nn.Module):
             # Default RNG: seeded runs are reproducible and checkpoint recompute replays it.
             logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
         r = route(logits_TE, self.top_k)
-        y_TD, dropped = self.dispatcher(x_TD, r.idx_TK, r.weight_TK, self.experts, self.capacity_factor)
+        # The experts' dropout keys come from this rank's generator, after the noise (model/dropout.py).
+        drop_base = draw_base(x_TD.device) if self.training and self.experts.dropout > 0 else None
+        # Passed only when used: a dispatcher that knows no dropout keeps its signature.
+        extra = {} if drop_base is None else {"drop_base": drop_base}
+        y_TD, dropped = self.dispatcher(x_TD, r.idx_TK, r.weight_TK, self.experts, self.capacity_factor, **extra)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         self.last_tokens_per_expert, self.last_dropped = r.tokens_per_expert_E, dropped.detach()

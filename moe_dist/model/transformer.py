@@ -1,7 +1,9 @@
 """Decoder-only transformer whose every feed-forward is a mixture of experts.
 
 Pre-norm blocks: ``x + attn(norm(x))`` then ``x + moe(norm(x))``; RMSNorm, rotary positions,
-grouped-query attention through ``scaled_dot_product_attention``. No process groups here:
+grouped-query attention through ``scaled_dot_product_attention``. The seed trainer's options
+(``config.SEED_MODEL_OPTIONS``): an embedding scale sqrt(D), dropout, one fused ``wqkv``, interleaved
+rotary pairs, the layers' aux losses summed. No process groups here:
 parallelism (ZeRO, expert parallelism) is applied to a built model from ``moe_dist.parallel``.
 
 Legend: B batch, T sequence, D d_model, H query heads, G key/value heads, d head size,
@@ -45,15 +47,25 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
-def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, h) on the CPU, computed in fp64 and stored fp32 so long positions stay exact."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), inv_freq)
+def rope_tables(max_seq_len: int, head_dim: int, theta: float,
+                layout: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_seq_len, h) on the CPU, stored fp32. 'half': computed in fp64 so long positions
+    stay exact; 'interleaved': computed in fp32 as torchtune's RotaryPositionalEmbeddings (the seed's) does."""
+    dt = torch.float64 if layout == "half" else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].to(dt) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=dt, device="cpu"), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (the 'rotate_half' layout), computed in fp32."""
+def apply_rope(x_BHTd: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor,
+               layout: str = "half") -> torch.Tensor:
+    """Rotate pairs of each head, computed in fp32: 'half' pairs (i, i + h) (rotate_half), 'interleaved'
+    pairs (2i, 2i + 1)."""
+    if layout == "interleaved":
+        x_BHTh2 = x_BHTd.float().unflatten(-1, (-1, 2))
+        x1, x2 = x_BHTh2[..., 0], x_BHTh2[..., 1]
+        out = torch.stack((x1 * cos_Th - x2 * sin_Th, x2 * cos_Th + x1 * sin_Th), dim=-1).flatten(-2)
+        return out.to(x_BHTd.dtype)
     x1, x2 = x_BHTd.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos_Th - x2 * sin_Th, x1 * sin_Th + x2 * cos_Th), dim=-1)
     return out.to(x_BHTd.dtype)
@@ -65,18 +77,32 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.rope_layout, self.dropout = cfg.rope_layout, cfg.dropout
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        if cfg.fused_qkv:  # one matrix, rows [Q | K | V], each head's rows contiguous
+            self.wqkv = nn.Linear(cfg.d_model, q_out + 2 * kv_out, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.d_model, q_out, bias=False)
+            self.wk = nn.Linear(cfg.d_model, kv_out, bias=False)
+            self.wv = nn.Linear(cfg.d_model, kv_out, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H*d), k and v (B, T, G*d), from one fused matrix or three."""
+        if hasattr(self, "wqkv"):
+            q_out = self.n_heads * self.head_dim
+            return self.wqkv(x_BTD).split([q_out, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+        return self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
 
     def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor,
                 cache: Optional[LayerKV] = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTd = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v_BGTd = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_Th, sin_Th), apply_rope(k_BGTd, cos_Th, sin_Th)
+        q_BTx, k_BTx, v_BTx = self.project_qkv(x_BTD)
+        q_BHTd = q_BTx.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTd = k_BTx.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTd = v_BTx.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTd = apply_rope(q_BHTd, cos_Th, sin_Th, self.rope_layout)
+        k_BGTd = apply_rope(k_BGTd, cos_Th, sin_Th, self.rope_layout)
         mask = None
         if cache is not None:  # generation: attend to every cached position (k/v become (B, G, S, d))
             mask = cache.mask(T)
@@ -84,7 +110,8 @@ class Attention(nn.Module):
         if self.kv_heads != self.n_heads:  # GQA: each k/v head serves n_heads / kv_heads query heads
             rep = self.n_heads // self.kv_heads
             k_BGTd, v_BGTd = k_BGTd.repeat_interleave(rep, dim=1), v_BGTd.repeat_interleave(rep, dim=1)
-        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=mask is None)
+        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=mask is None,
+                                                dropout_p=self.dropout if self.training else 0.0)
         return self.wo(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -97,21 +124,24 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg)
+        self.dropout = cfg.dropout  # on both residual branches, in training
 
     def forward(self, x_BTD: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor,
                 cache: Optional[LayerKV] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Th, sin_Th, cache)
+        x_BTD = x_BTD + F.dropout(self.attn(self.attn_norm(x_BTD), cos_Th, sin_Th, cache), self.dropout,
+                                  self.training)
         y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
-        return x_BTD + y_BTD, aux
+        return x_BTD + F.dropout(y_BTD, self.dropout, self.training), aux
 
 
 class MoETransformer(nn.Module):
     """The LM: ``forward(tokens_BT, return_aux_loss=True) -> (logits_BTV, aux_loss | None)``.
 
-    ``aux_loss`` is ``load_balancing_weight * mean over layers`` of the Switch loss, ready to be
-    added to the cross-entropy. Set ``gradient_checkpointing = True`` to recompute each block in
-    backward (non-reentrant checkpoint; it restores the RNG state, so router noise and hence
-    routing are identical in the recompute).
+    ``aux_loss`` is ``load_balancing_weight *`` the mean over layers of the Switch loss (their sum with
+    ``aux_loss_reduction='sum'``), ready to be added to the cross-entropy. Set
+    ``gradient_checkpointing = True`` to recompute each block in backward (non-reentrant checkpoint;
+    it restores the RNG state, so router noise, routing and dropout masks are identical in the
+    recompute).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -160,7 +190,7 @@ class MoETransformer(nn.Module):
             t.fill_(1.0)
             return
         std = self.cfg.init_std
-        if name.endswith(("wo.weight", "w_down.weight")):
+        if self.cfg.scaled_residual_init and name.endswith(("wo.weight", "w_down.weight")):
             std = std / math.sqrt(2 * self.cfg.n_layers)
         g = torch.Generator(device="cpu").manual_seed(param_seed(self.init_seed, name))
         if t.device.type == "cpu" and t.dtype == torch.float32:
@@ -179,7 +209,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         tables = self._rope_cache.get(device)
         if tables is None:
-            cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_layout)
             tables = self._rope_cache[device] = (cos.to(device), sin.to(device))
         return tables[0][:T], tables[1][:T]
 
@@ -190,6 +220,9 @@ class MoETransformer(nn.Module):
         cos_Th, sin_Th = self.rope(start + tokens_BT.shape[1], tokens_BT.device)
         cos_Th, sin_Th = cos_Th[start:], sin_Th[start:]
         x_BTD = self.embed(tokens_BT)
+        if self.cfg.embed_scale:
+            x_BTD = x_BTD * math.sqrt(self.cfg.d_model)
+        x_BTD = F.dropout(x_BTD, self.cfg.dropout, self.training)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
         for i, block in enumerate(self.layers):
@@ -202,10 +235,12 @@ class MoETransformer(nn.Module):
             aux_losses.append(aux)
         if cache is not None:
             cache.advance(tokens_BT.shape[1])
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        logits_BTV = self.lm_head(F.dropout(self.norm(x_BTD), self.cfg.dropout, self.training))
         if not return_aux_loss:
             return logits_BTV, None
-        return logits_BTV, self.cfg.load_balancing_weight * torch.stack(aux_losses).mean()
+        per_layer = torch.stack(aux_losses)
+        total = per_layer.sum() if self.cfg.aux_loss_reduction == "sum" else per_layer.mean()
+        return logits_BTV, self.cfg.load_balancing_weight * total
 
 
 MoE18BLLM = MoETransformer

@@ -57,7 +57,9 @@ class ExpertParallelDispatcher:
         self.local_ids = local_expert_ids(num_experts, ep_size, ep_rank)
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,
-                 experts: nn.Module, capacity_factor: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                 experts: nn.Module, capacity_factor: Optional[float],
+                 drop_base: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..model.dropout import assignment_keys
         from ..model.moe import combine, flatten_assignments
 
         P, El = self.ep_size, len(self.local_ids)
@@ -76,7 +78,13 @@ class ExpertParallelDispatcher:
         local_R = torch.repeat_interleave(torch.arange(El, device=recv_PEl.device).repeat(P), recv_PEl,
                                           output_size=sum(out_splits))
         order_R = torch.argsort(local_R, stable=True)
-        y_sorted = experts(x_R.index_select(0, order_R), recv_PEl.view(P, El).sum(0))
+        key_R = None
+        if drop_base is not None:  # each row's dropout key travels with it (made on the token's rank)
+            key_A = assignment_keys(drop_base, a.token_A, a.expert_A, self.num_experts)
+            key_R = key_A.new_empty(sum(out_splits))
+            dist.all_to_all_single(key_R, key_A, out_splits, in_splits, group=self.group)
+            key_R = key_R.index_select(0, order_R)
+        y_sorted = experts(x_R.index_select(0, order_R), recv_PEl.view(P, El).sum(0), key_R)
         y_R = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)  # back to arrival order
 
         # 3) results go home; weight and sum per token.

@@ -223,6 +223,10 @@ def activation_rows(m: ModelConfig, s: Settings, capacity_factor: Optional[float
                      f"top_k*T*d dispatched + combined, imbalance {imb:g}"),
             Consumer(f"activations: expert hidden ({why})", int(bt * expert * saved), "activations", "fwd/bwd",
                      f"top_k*T*{hid}*d_ff")]
+    if m.dropout > 0:  # masks kept for backward: bool on both residual branches, the experts' in lp (flash SDPA: none)
+        masks = bt * (2 * d + lp * k * f * imb) * saved + 2 * bt * d
+        rows.append(Consumer(f"activations: dropout masks ({why})", int(masks), "activations", "fwd/bwd",
+                             "2d bool + top_k*d_ff per token and block; embedding, head"))
     if s.activation_checkpointing:
         rows.append(Consumer("activations: checkpointed block inputs", bt * lp * d * m.n_layers, "activations",
                              "fwd/bwd", "L*T*d"))

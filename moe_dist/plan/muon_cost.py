@@ -46,9 +46,13 @@ class MuonMatrix:
 def muon_matrices(m: ModelConfig) -> list[MuonMatrix]:
     """Every 2-D weight Muon trains (``optim.uses_muon``: all matrices but ``embed`` and ``lm_head``)."""
     d, f, L, e, kvd = m.d_model, m.d_ff, m.n_layers, m.num_experts, m.kv_heads * m.head_dim
-    out = [MuonMatrix("attn.wq", m.n_heads * m.head_dim, d, L, False),
-           MuonMatrix("attn.wk", kvd, d, L, False), MuonMatrix("attn.wv", kvd, d, L, False),
-           MuonMatrix("attn.wo", d, m.n_heads * m.head_dim, L, False), MuonMatrix("router", e, d, L, False)]
+    qd = m.n_heads * m.head_dim
+    if m.fused_qkv:
+        out = [MuonMatrix("attn.wqkv", qd + 2 * kvd, d, L, False)]
+    else:
+        out = [MuonMatrix("attn.wq", qd, d, L, False), MuonMatrix("attn.wk", kvd, d, L, False),
+               MuonMatrix("attn.wv", kvd, d, L, False)]
+    out += [MuonMatrix("attn.wo", d, qd, L, False), MuonMatrix("router", e, d, L, False)]
     ffn = (["w_gate"] if m.expert_type == "swiglu" else []) + ["w_up"]
     for owner, count, expert in (("expert", L * e, True), ("shared_expert", L * int(m.shared_expert), False)):
         if count:

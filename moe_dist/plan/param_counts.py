@@ -20,7 +20,7 @@ class ParamCounts:
 
     embedding: int
     lm_head: int          # 0 when tied
-    attention: int        # wq, wk, wv, wo of all layers
+    attention: int        # wq, wk, wv (or the fused wqkv), wo of all layers
     norms: int            # two RMSNorms per layer + the final one
     router: int
     experts: int          # routed experts (split by expert parallelism)
@@ -68,7 +68,9 @@ def count_params(m: ModelConfig) -> ParamCounts:
     expert = c * d * f
     emb = m.vocab_size * d
     # As the model holds them: each routed expert matrix stacked over the E experts, (E, F, D) per layer.
-    tensors = ((emb, 1 if m.tie_embeddings else 2), (d, 2 * L + 1), (e * d, L), (d * qd, 2 * L), (d * kvd, 2 * L),
+    # Attention: wqkv (rows [Q | K | V]) and wo with fused_qkv, else wq, wo (d x qd) and wk, wv (d x kvd).
+    attn = ((d * (qd + 2 * kvd), L), (d * qd, L)) if m.fused_qkv else ((d * qd, 2 * L), (d * kvd, 2 * L))
+    tensors = ((emb, 1 if m.tie_embeddings else 2), (d, 2 * L + 1), (e * d, L), *attn,
                (e * d * f, c * L), (d * f, c * L * int(m.shared_expert)))
     return ParamCounts(
         embedding=emb, lm_head=0 if m.tie_embeddings else emb, attention=L * (2 * d * qd + 2 * d * kvd),

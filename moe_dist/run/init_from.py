@@ -45,9 +45,10 @@ def check(path: str, model_cfg: ModelConfig) -> None:
     if _hf_folder(p):
         folder = p if p.is_dir() else p.parent
         hf = json.loads((folder / "config.json").read_text())
+        fields = _remote_fields(model_cfg) if hf.get("model_type") == "moe_dist" else HF_FIELDS
         diffs = [f"model.{ours}: saved {hf.get(theirs)!r}, requested {getattr(model_cfg, ours)!r}"
-                 for theirs, ours in HF_FIELDS.items() if hf.get(theirs) != getattr(model_cfg, ours)]
-        if model_cfg.expert_type != "swiglu" or model_cfg.shared_expert:
+                 for theirs, ours in fields.items() if hf.get(theirs) != getattr(model_cfg, ours)]
+        if fields is HF_FIELDS and (model_cfg.expert_type != "swiglu" or model_cfg.shared_expert):
             diffs.append(f"model.expert_type/shared_expert: saved 'swiglu'/False (a Mixtral export), requested "
                          f"{model_cfg.expert_type!r}/{model_cfg.shared_expert}")
         if diffs:
@@ -61,6 +62,15 @@ def check(path: str, model_cfg: ModelConfig) -> None:
     except CheckpointError as e:
         raise CheckpointError(f"--init-from {e}") from None
     check_same_architecture(f"--init-from {path}", info.config["model"], model_cfg)
+
+
+def _remote_fields(model_cfg: ModelConfig) -> dict[str, str]:
+    """config.json fields of a --format hf export with its own modeling file (``export/hf.py``): ours."""
+    from ..export.hf import remote_code_config
+
+    written = remote_code_config(model_cfg, torch.float32, None, {})
+    same = {k: k for k in written if hasattr(model_cfg, k) and k not in ("vocab_size",)}
+    return {**same, "vocab_size": "vocab_size", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
 
 
 def _safetensors_index(files: list[Path]) -> dict[str, Path]:
@@ -81,10 +91,12 @@ def reader(path: str) -> Callable[[str, torch.Tensor], None]:
     p = Path(path)
     if _hf_folder(p):
         from ..export.safetensors_writer import safetensors_files
-        from ..export.hf import hf_tensor_name
+        from ..export.hf import hf_tensor_name, remote_tensor_name
 
         folder = p if p.is_dir() else p.parent
-        where, rename = _safetensors_index(safetensors_files(folder, None)), hf_tensor_name
+        remote = json.loads((folder / "config.json").read_text()).get("model_type") == "moe_dist"
+        where = _safetensors_index(safetensors_files(folder, None))
+        rename = remote_tensor_name if remote else hf_tensor_name
         hint = "export it again with moe-consolidate --format hf"
     else:
         from ..export.inference import checkpoint_info

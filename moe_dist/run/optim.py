@@ -67,17 +67,20 @@ def tag_parameters(model: nn.Module) -> None:
         p.is_expert_group = name in stacked
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed matrices and undecayed vectors (norm weights).
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str = "matrices") -> list[dict[str, Any]]:
+    """Two groups: decayed and undecayed parameters (``train.weight_decay_on``).
 
+    'matrices': every 2-D parameter decays (Muon's and the embedding), vectors (norm gains) do not;
+    'adamw': AdamW's parameters decay (embedding, norms), Muon's do not (the seed trainer's split).
     Every trainable parameter lands in exactly one group. DeepSpeed then splits each group
     into its Muon and Adam halves (and, with expert parallelism, expert and non-expert).
     """
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if layer_ndim(p) >= 2 else no_decay).append(p)
+        decays = layer_ndim(p) >= 2 if decay_on == "matrices" else not uses_muon(name, p)
+        (decay if decays else no_decay).append(p)
     groups = [{"params": decay, "name": "decay", "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0})
@@ -98,15 +101,16 @@ class LRSchedule:
     min_lr_ratio: float
     muon_lr: float
     adamw_lr: float
+    warmup_from_zero: bool = False
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> "LRSchedule":
-        return cls(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.muon_lr, t.adamw_lr)
+        return cls(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.muon_lr, t.adamw_lr, t.warmup_from_zero)
 
     def factor(self, step: int) -> float:
         """LR multiplier for optimizer step ``step`` (0-based: the step about to be taken)."""
         if self.warmup_steps > 0 and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+            return (step + (0 if self.warmup_from_zero else 1)) / self.warmup_steps
         span = max(1, self.max_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -125,7 +129,7 @@ class LRSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {"warmup_steps": self.warmup_steps, "max_steps": self.max_steps, "min_lr_ratio": self.min_lr_ratio,
-                "muon_lr": self.muon_lr, "adamw_lr": self.adamw_lr}
+                "muon_lr": self.muon_lr, "adamw_lr": self.adamw_lr, "warmup_from_zero": self.warmup_from_zero}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the requested config wins (continuing with new LRs is a feature)."""

@@ -45,6 +45,8 @@ def test_ns_flops_count_deepspeeds_matmuls(shape, method):
                 expert_type="silu_mlp"),
     ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=40, num_experts=2, top_k=1,
                 expert_type="swiglu", shared_expert=True, tie_embeddings=False),
+    ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, num_experts=4, top_k=2,
+                expert_type="silu_mlp", fused_qkv=True),
 ])
 def test_muon_matrices_are_the_models_muon_params(model):
     """Every shape Muon gets in the real model (optim.uses_muon), with its count, and nothing else."""

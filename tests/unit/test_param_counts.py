@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_dist import model as lm
-from moe_dist.config import ModelConfig, get_preset
+from moe_dist.config import SEED_MODEL_OPTIONS, ModelConfig, get_preset
 from moe_dist.plan.param_counts import count_params
 
 TINY = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, d_ff=24, num_experts=4, top_k=2, max_seq_len=32)
@@ -25,6 +25,7 @@ def _numel(model: torch.nn.Module, part: str) -> int:
     {}, {"tie_embeddings": False}, {"shared_expert": True}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "top_k": 1},
     {"expert_type": "silu_mlp"}, {"expert_type": "silu_mlp", "shared_expert": True, "tie_embeddings": False},
     {"num_experts": 8, "top_k": 3, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1},
+    {"fused_qkv": True}, {"fused_qkv": True, "n_kv_heads": 2}, SEED_MODEL_OPTIONS,
 ])
 def test_counts_match_built_model(kw):
     cfg = ModelConfig(**{**TINY, **kw})

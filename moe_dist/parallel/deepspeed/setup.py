@@ -102,7 +102,8 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     from accelerate.utils import DummyOptim
 
     tag_parameters(model)
-    optimizer = DummyOptim(param_groups(model, cfg.train.weight_decay), lr=cfg.train.adamw_lr,
+    optimizer = DummyOptim(param_groups(model, cfg.train.weight_decay, cfg.train.weight_decay_on),
+                           lr=cfg.train.adamw_lr,
                            weight_decay=cfg.train.weight_decay)
     engine, _ = rt.accelerator.prepare(model, optimizer)
     from deepspeed import DeepSpeedEngine

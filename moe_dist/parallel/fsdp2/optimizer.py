@@ -25,7 +25,7 @@ ADAM_EPS = 1e-8  # what the DeepSpeed runs use (parallel/deepspeed/config.py)
 
 def build_optimizers(model: nn.Module, kind: str, t: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     tag_parameters(model)
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, t.weight_decay_on)
     adam_kw = {"lr": t.adamw_lr, "betas": tuple(t.adam_betas), "eps": ADAM_EPS, "weight_decay": t.weight_decay,
                **adamw_kernel(device)}
     if kind == "adamw":

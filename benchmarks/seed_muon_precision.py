@@ -1,0 +1,62 @@
+"""How far DeepSpeed's Muon orthogonalisation is from the seed trainer's, in the dtypes each uses on a GPU.
+
+    python -m benchmarks.seed_muon_precision
+
+The seed's Muon runs the standard quintic Newton-Schulz (5 steps) in bf16; DeepSpeed's (what moe_dist
+trains with) runs its Gram Newton-Schulz in fp16 on a GPU (fp32 on a CPU: ``ns_compute_dtype``).
+For the ``4090`` preset's Muon shapes, on a random gradient, it prints each one's relative Frobenius
+distance to the same iteration in fp64: the gap between the two optimizers is the seed's bf16 rounding.
+Runs on the CPU (bf16/fp16 matmuls emulated there are the same roundings). Measured 2026-12-03: seed
+bf16 1.9-4.0e-02, DeepSpeed fp16 2.4-4.1e-03, DeepSpeed fp32 7e-07-7e-05; seed vs DeepSpeed fp16
+1.9-4.2e-02 (the router's 8 x 1024 the largest).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = [(1024, 1024), (3072, 1024), (2752, 1024), (1024, 2752), (8, 1024)]  # 4090: wo, wqkv, experts, router
+
+
+def seed_ns(g: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
+    """The standard quintic Newton-Schulz (coefficients 3.4445, -4.7750, 2.0315) in ``dtype``."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.T if tall else x).double()
+
+
+def deepspeed_ns(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import deepspeed.runtime.zero.muon.original_muon as om
+
+    saved = om.ns_compute_dtype
+    om.ns_compute_dtype = lambda _method: dtype
+    try:
+        fn = om.zeropower_via_gram_newtonschulz
+        return getattr(fn, "_torchdynamo_orig_callable", fn)(g, 5).double()
+    finally:
+        om.ns_compute_dtype = saved
+
+
+def main() -> None:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape in SHAPES:
+        g = torch.randn(*shape, generator=gen, device="cpu")
+        exact = seed_ns(g, torch.float64)
+
+        def rel(x: torch.Tensor, y: torch.Tensor = exact) -> float:
+            return float((x - y).norm() / y.norm())
+
+        seed, ds16, ds32 = seed_ns(g, torch.bfloat16), deepspeed_ns(g, torch.float16), deepspeed_ns(g, torch.float32)
+        print(f"{str(shape):>13}: seed bf16 {rel(seed):.2e}, DeepSpeed fp16 {rel(ds16):.2e}, DeepSpeed fp32 "
+              f"{rel(ds32):.2e} (vs fp64); seed vs DeepSpeed fp16 {rel(seed, ds16):.2e}")
+
+
+if __name__ == "__main__":
+    main()
