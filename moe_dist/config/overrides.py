@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .sections import ConfigError, ModelConfig, RunConfig, _section_classes
+from .sections import SECTIONS, ConfigError, ModelConfig, RunConfig, _section_classes
 
 
 def _coerce(value: str, current: Any, where: str) -> Any:
