@@ -122,8 +122,9 @@ def _load_file(path: str, text_field: str) -> list[str]:
     return docs
 
 
-def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = None) -> tuple[Any, str]:
-    """One local data file as a ``datasets.Dataset`` and the name of its text column (checked present)."""
+def check_data_file(path: str) -> str:
+    """Refuse a data file that cannot be read (a folder, an unknown extension, missing, empty); returns its
+    extension. The one rule, for the pre-flight check and the loader alike."""
     ext = Path(path).suffix.lower()
     if os.path.isdir(path):
         raise DataError(_folder_hint(path))
@@ -134,7 +135,12 @@ def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = Non
         raise DataError(f"data file {path}: not found; check the path given to --data-files / data.data_files")
     if os.path.getsize(path) == 0:
         raise DataError(f"data file {path}: is empty; give a file with text in it")
-    builder = _BUILDERS[ext]
+    return ext
+
+
+def open_file_dataset(path: str, text_field: str, cache_dir: Optional[str] = None) -> tuple[Any, str]:
+    """One local data file as a ``datasets.Dataset`` and the name of its text column (checked present)."""
+    builder = _BUILDERS[check_data_file(path)]
     field = "text" if builder == "text" else text_field
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     from datasets import load_dataset

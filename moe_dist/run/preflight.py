@@ -56,20 +56,11 @@ def check_output_dir(output_dir: str) -> None:
 
 def check_data_files(cfg: RunConfig) -> None:
     """Each data file exists, is a file of a known kind, is not empty, and its first lines parse."""
-    from ..data.corpus import _BUILDERS, _folder_hint
+    from ..data.corpus import check_data_file
     from ..data.lines import bad_line
 
     for path in map(str, cfg.data.data_files or ()):
-        if os.path.isdir(path):
-            raise DataError(_folder_hint(path))
-        ext = Path(path).suffix.lower()
-        if ext not in _BUILDERS:
-            raise DataError(f"data file {path}: unknown extension {ext or '(none)'!r}; "
-                            f"use one of {', '.join(sorted(_BUILDERS))}")
-        if not os.path.isfile(path):
-            raise DataError(f"data file {path}: not found; check the path given to --data-files / data.data_files")
-        if os.path.getsize(path) == 0:
-            raise DataError(f"data file {path}: is empty; give a file with text in it")
+        check_data_file(path)
         found = bad_line(path, cfg.data.text_field, limit=FIRST_LINES)
         if found:
             raise DataError(f"data file {path}: {found}")
