@@ -118,6 +118,8 @@ def run(argv: Optional[list[str]] = None) -> int:
 
     try:  # every mistake of the command line or its files, before anything is started or created
         preflight(cfg, args)
+    except exit_codes.InfraError as e:  # a read-only mount: every rank sees it alike
+        return _fail(str(e), exit_codes.INFRA)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
     if threads:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import ConfigError, RunConfig
 from ..data.errors import DataError
+from ..exit_codes import InfraError
 
 FIRST_LINES = 100  # lines of each data file read here; a bad line further down is found when the file is read
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -35,6 +36,10 @@ def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+class OutputDirReadOnly(InfraError):
+    """The run folder's file system is mounted read-only (exit code ``INFRA``, not a usage mistake)."""
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -50,8 +55,10 @@ def check_output_dir(output_dir: str) -> None:
         read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
         reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
     if reason:
-        raise ConfigError(f"checkpoint.output_dir {output_dir}: cannot write there ({reason}); "
-                          "pass a writable --output-dir")
+        msg = f"checkpoint.output_dir {output_dir}: cannot write there ({reason}); pass a writable --output-dir"
+        if reason == os.strerror(errno.EROFS):  # a mount gone read-only: the machine's fault, worth a retry
+            raise OutputDirReadOnly(msg)
+        raise ConfigError(msg)
 
 
 def check_data_files(cfg: RunConfig) -> None:
