@@ -111,11 +111,16 @@ def _grouped_mm(x_AD: torch.Tensor, w_EFD: torch.Tensor, offs_E: torch.Tensor) -
     return _eager_grouped_mm()(x_AD, w_EFD.transpose(-2, -1), offs=offs_E)
 
 
-@functools.lru_cache(maxsize=None)
+_EAGER_GROUPED_MM: list[Callable[..., torch.Tensor]] = []
+
+
 def _eager_grouped_mm() -> Callable[..., torch.Tensor]:
     """``torch._grouped_mm`` kept out of the compiled graph. Made on first use: ``torch.compiler.disable``
-    imports dynamo (about 70 MB of memory a process), which an eager run never needs."""
-    return torch.compiler.disable(torch._grouped_mm)
+    imports dynamo (about 70 MB of memory a process), which an eager run never needs. (A plain list, not
+    ``lru_cache``: dynamo warns when it traces through a cache wrapper.)"""
+    if not _EAGER_GROUPED_MM:
+        _EAGER_GROUPED_MM.append(torch.compiler.disable(torch._grouped_mm))
+    return _EAGER_GROUPED_MM[0]
 
 
 @functools.lru_cache(maxsize=None)
