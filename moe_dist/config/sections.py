@@ -126,9 +126,9 @@ class ParallelConfig:
                                     "on the device and dtype, else loop; the choice is logged at start).")
     init_timeout_s: float = _f(600.0, "Collective timeout (s) of every process group until the first optimizer step "
                                       "is done: long enough for op builds and a sharded start-up.")
-    train_timeout_s: float = _f(300.0, "Collective timeout (s) of every process group after the first step, and the "
-                                       "progress watchdog's limit: a rank stalled this long dumps its stacks to "
-                                       "<output-dir>/hang-<rank>.txt and the run exits 76 (hung).")
+    train_timeout_s: float = _f(300.0, "The progress watchdog's limit after the first step: a rank stalled this long "
+                                       "dumps its stacks to <output-dir>/hang-<rank>.txt and the run exits 76 (hung); "
+                                       "every process group's collectives give up at 1.5x it, as a backstop.")
     compile: bool = _f(False, "torch.compile each transformer block (regional compilation; the first steps "
                               "pay the compile time).")
 

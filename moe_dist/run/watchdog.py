@@ -29,6 +29,11 @@ from typing import Any, Optional
 from .. import exit_codes
 
 POLL_S = 1.0
+# After the first step collectives give up at this multiple of the train timeout: the watchdog, which
+# reports the phase, every peer's heartbeat and the stacks, fires first at 1x; a collective's own timeout
+# is the backstop. Either way the run ends within 2x. (With both at 1x they raced: a gloo timeout won on
+# this CPU and its report lacked the peers' heartbeats.)
+COLLECTIVE_BACKSTOP = 1.5
 STALE_BEATS = 5  # a heartbeat older than this many intervals means that rank stopped answering
 HEARTBEATS_PER_S = 200  # at most, over all ranks, on the one store: 1 s apart up to 200 ranks, then wider
 STORE_WAIT_S = 3.0
@@ -51,6 +56,7 @@ class Watchdog:
         self.heartbeat_s = max(POLL_S, world / HEARTBEATS_PER_S)
         self._stop = threading.Event()
         self._fired = threading.Lock()
+        self._store_lock = threading.Lock()  # the heartbeat and a read never use the one store client at once
 
     # -------------------------------------------------------------- the training thread
     def beat(self, phase: str, step: int, long: bool = False) -> None:
@@ -63,7 +69,7 @@ class Watchdog:
         if not self.training:
             from ..parallel.timeouts import set_every_group
 
-            set_every_group(self.train_limit_s, keep=self.keep_groups)
+            set_every_group(self.train_limit_s * COLLECTIVE_BACKSTOP, keep=self.keep_groups)
             self.training = True
 
     def start(self) -> "Watchdog":
@@ -88,9 +94,14 @@ class Watchdog:
                 self.fire(f"no progress for {stalled:.0f} s")
 
     def _heartbeat(self) -> None:
-        while self.store is not None and not self._stop.wait(self.heartbeat_s):
+        # The first beat at once: a rank that stalls within its first interval must still have a key (a read
+        # of a key never written waits out the store's timeout, and the peer then reads as unreadable).
+        first = True
+        while self.store is not None and (first or not self._stop.wait(self.heartbeat_s)):
+            first = False
             try:
-                self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {self.step} {self.phase}")
+                with self._store_lock:
+                    self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {self.step} {self.phase}")
             except Exception:  # noqa: BLE001 - the store's host has gone: the watchdog reports the stall
                 return
 
@@ -103,6 +114,10 @@ class Watchdog:
             found[r] = (time.time() - float(stamp), f"step {step}: {phase}")
 
         def read() -> None:
+            with self._store_lock:
+                read_locked()
+
+        def read_locked() -> None:
             ranks = list(found)
             try:  # one round trip where the store can (TCPStore), else one per rank
                 for r, raw in zip(ranks, self.store.multi_get([f"{_KEY}{r}" for r in ranks])):
@@ -131,6 +146,7 @@ class Watchdog:
         collective's exception, whose traceback shows where the training thread waited."""
         if not self._fired.acquire(blocking=False):
             return
+        self._stop.set()  # no more heartbeats from this rank
         peers = self._peers()
         silent = [r for r, p in peers.items() if p is None or p[0] > STALE_BEATS * self.heartbeat_s]
         where = f"step {self.step}: {self.phase}" if self.step else self.phase
