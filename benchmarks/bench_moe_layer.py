@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import Context, Section, fmt, grouped_bars, interleave, median, new_figure, ratio
+from .common import Context, Section, fmt, grouped_bars, interleave, median, new_figure, ratio, run_alone
 
 TITLE = "1. MoE layer: forward + backward throughput (one process)"
 D_MODEL, D_FF, EXPERTS, TOP_K = 256, 512, 8, 2
@@ -196,12 +196,4 @@ def run(ctx: Context) -> Section:
 
 
 if __name__ == "__main__":
-    import argparse
-    import tempfile
-    from pathlib import Path
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="bench_moe_layer_"))
-    run(Context(quick=a.quick, out=out, work=out))
+    run_alone(run, __doc__, "bench_moe_layer")

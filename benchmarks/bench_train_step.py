@@ -25,7 +25,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .common import REPO_ROOT, Context, Section, fmt
+from .common import REPO_ROOT, Context, Section, fmt, run_alone
 
 TITLE = "Training step: moe_dist vs a bare PyTorch loop (one process, stepped in turn)"
 DS = {"zero1": ["--deepspeed-config", str(REPO_ROOT / "launch_configs" / "cpu_zero2.json"), "--zero-stage", "1"],
@@ -112,12 +112,4 @@ def run(ctx: Context) -> Section:
 
 
 if __name__ == "__main__":
-    import argparse
-    import tempfile
-    from pathlib import Path
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
-    print(run(Context(quick=a.quick, out=out, work=out)))
+    print(run_alone(run, __doc__, "bench_train_step"))

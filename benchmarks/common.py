@@ -56,6 +56,18 @@ class Context:
         return p
 
 
+def run_alone(run: Callable[[Context], Any], doc: str, name: str) -> Any:
+    """``python -m benchmarks.<module> [--quick]``: one section on its own, into a fresh temp folder."""
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    out = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    return run(Context(quick=a.quick, out=out, work=out))
+
+
 # ----------------------------------------------------------------------------- machine
 def machine_info() -> dict[str, str]:
     """CPU model, cores, RAM, library versions: the header of results.md."""

@@ -18,18 +18,11 @@ import torch
 SHAPES = [(1024, 1024), (3072, 1024), (2752, 1024), (1024, 2752), (8, 1024)]  # 4090: wo, wqkv, experts, router
 
 
-def seed_ns(g: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
-    """The standard quintic Newton-Schulz (coefficients 3.4445, -4.7750, 2.0315) in ``dtype``."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    return (x.T if tall else x).double()
+def seed_ns(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The seed's Newton-Schulz in ``dtype`` (the tests' reference, ``tests/seed_reference.py``), as fp64."""
+    from tests.seed_reference import seed_newton_schulz
+
+    return seed_newton_schulz(g, dtype).double()
 
 
 def deepspeed_ns(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

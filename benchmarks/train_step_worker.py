@@ -45,7 +45,9 @@ class SeedDispatcher:
         self.num_experts = num_experts
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, experts: Any,
-                 capacity_factor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                 capacity_factor: Any, drop_base: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if drop_base is not None:
+            raise ValueError("the seed-dispatch contender has no expert dropout; run it with model.dropout=0")
         y_TD = torch.zeros_like(x_TD)
         for e in range(self.num_experts):
             hit_TK = topk_idx_TK == e

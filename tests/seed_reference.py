@@ -88,3 +88,18 @@ def seed_forward(sd: dict[str, torch.Tensor], n_heads: int, top_k: int, tokens_B
     x = F.rms_norm(x, (d,), sd["norm.weight"], eps)
     logits = x @ sd["lm_head.weight"].T
     return (logits, aux) if with_aux else logits
+
+
+def seed_newton_schulz(g_RC: torch.Tensor, dtype: torch.dtype = torch.float32, steps: int = 5) -> torch.Tensor:
+    """The seed's Muon orthogonalisation: the standard quintic Newton-Schulz (3.4445, -4.7750, 2.0315) on the
+    Frobenius-normalised matrix (its wide orientation), computed in ``dtype`` and returned in it."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g_RC.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x

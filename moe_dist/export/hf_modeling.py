@@ -58,8 +58,8 @@ def rotary_tables(cfg: MoEDistConfig, T: int, device: torch.device) -> tuple[tor
     """cos/sin (T, head_dim/2): fp64 angles for the 'half' layout, fp32 for 'interleaved' (torchtune's)."""
     hd = cfg.d_model // cfg.n_heads
     dt = torch.float64 if cfg.rope_layout == "half" else torch.float32
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].to(dt) / hd))
-    ang = torch.outer(torch.arange(cfg.max_seq_len, dtype=dt), inv)[:T]
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].to(dt) / hd))
+    ang = torch.outer(torch.arange(cfg.max_seq_len, dtype=dt, device="cpu"), inv)[:T]  # on the host, then moved
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
 

@@ -172,9 +172,7 @@ class MoEFeedForward(nn.Module):
         r = route(logits_TE, self.top_k)
         # The experts' dropout keys come from this rank's generator, after the noise (model/dropout.py).
         drop_base = draw_base(x_TD.device) if self.training and self.experts.dropout > 0 else None
-        # Passed only when used: a dispatcher that knows no dropout keeps its signature.
-        extra = {} if drop_base is None else {"drop_base": drop_base}
-        y_TD, dropped = self.dispatcher(x_TD, r.idx_TK, r.weight_TK, self.experts, self.capacity_factor, **extra)
+        y_TD, dropped = self.dispatcher(x_TD, r.idx_TK, r.weight_TK, self.experts, self.capacity_factor, drop_base)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         self.last_tokens_per_expert, self.last_dropped = r.tokens_per_expert_E, dropped.detach()

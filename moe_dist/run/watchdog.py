@@ -96,14 +96,17 @@ class Watchdog:
     def _heartbeat(self) -> None:
         # The first beat at once: a rank that stalls within its first interval must still have a key (a read
         # of a key never written waits out the store's timeout, and the peer then reads as unreadable).
-        first = True
-        while self.store is not None and (first or not self._stop.wait(self.heartbeat_s)):
-            first = False
-            try:
-                with self._store_lock:
-                    self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {self.step} {self.phase}")
-            except Exception:  # noqa: BLE001 - the store's host has gone: the watchdog reports the stall
-                return
+        while self.store is not None and self._beat() and not self._stop.wait(self.heartbeat_s):
+            pass
+
+    def _beat(self) -> bool:
+        """Write this rank's heartbeat; False once the store's host has gone (the watchdog reports the stall)."""
+        try:
+            with self._store_lock:
+                self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {self.step} {self.phase}")
+            return True
+        except Exception:  # noqa: BLE001 - any store failure ends the heartbeats
+            return False
 
     def _peers(self) -> dict[int, Optional[tuple[float, str]]]:
         """{rank: (seconds since its last heartbeat, "step N: phase")}; None where none could be read in time."""

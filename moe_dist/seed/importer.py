@@ -135,7 +135,7 @@ def _states(sc: SeedCheckpoint, L: int, E: int) -> tuple[dict[str, dict[str, tor
                 if label == "AdamW":
                     raise CheckpointError(f"{sc.path}: AdamW has no state for {seed_name} (position {pos})")
                 idle.append(our_name(seed_name))
-                entry = {"momentum_buffer": torch.zeros(shape)}
+                entry = {"momentum_buffer": torch.zeros(shape, device="cpu")}
             got = {k: v for k, v in entry.items() if torch.is_tensor(v) and v.dim() > 0}
             for k, v in got.items():
                 if tuple(v.shape) != shape:

@@ -25,6 +25,7 @@ from moe_dist.seed.importer import import_seed
 from moe_dist.seed.keys import our_name
 
 from ..seed_fixture import make_seed_checkpoint
+from ..seed_reference import seed_newton_schulz
 from ..seed_reference import seed_forward
 from .harness import check_ranks, run_ranks
 from .trainrun import CPU_JSON, TRAIN
@@ -34,19 +35,6 @@ pytestmark = pytest.mark.distributed
 START = 30
 # Measured max |dW| (CPU, fp32): DeepSpeed ZeRO-2 Muon 6.2e-08, its AdamW 3.7e-09; FSDP2 (clipping) in the ids below.
 BOUND_MUON, BOUND_ADAM = 5e-7, 1e-7
-
-
-def _ns5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.float()
-    tall = X.size(0) > X.size(1)
-    if tall:
-        X = X.T
-    X = X / (X.norm() + 1e-7)
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.T if tall else X
 
 
 def _reference_step(written: dict, batches: list[torch.Tensor], lr_muon: float, lr_adam: float,
@@ -67,7 +55,7 @@ def _reference_step(written: dict, batches: list[torch.Tensor], lr_muon: float, 
             p, g = params[name], params[name].grad * clip
             m = written["muon_state"].get(pos, {"momentum_buffer": torch.zeros_like(p)})["momentum_buffer"].clone()
             m.lerp_(g, 1 - 0.95)
-            u = _ns5(g.lerp(m, 0.95))
+            u = seed_newton_schulz(g.lerp(m, 0.95))
             out[name] = p - lr_muon * math.sqrt(max(1.0, p.size(0) / p.size(1))) * u
         for pos, name in enumerate(written["adam_names"]):
             p, g, st = params[name], params[name].grad * clip, written["adam_state"][pos]

@@ -26,7 +26,7 @@ def prefer_fused_adamw(ds: Any) -> bool:
     params = [p for g in basic.param_groups for p in g["params"]]
     if not params or any(p.device.type != "cpu" for p in params):
         return False
-    kernel = adamw_kernel(params[0].device)
+    kernel = adamw_kernel(torch.device("cpu"))
     for g in basic.param_groups:
         g.update(foreach=False, **kernel)
     return bool(kernel.get("fused"))

@@ -114,7 +114,8 @@ def prepare_engine(rt: Runtime, model: nn.Module, cfg: RunConfig) -> Any:
     from .engine import DeepSpeedTrainEngine
 
     engine = DeepSpeedTrainEngine(engine)
-    get_logger().info(f"DeepSpeed ZeRO-{rt.zero_stage}, optimizer {rt.optimizer_kind}, world {rt.world_size}, "
+    fused = " (torch AdamW, fused)" if engine.fused_adamw else ""
+    get_logger().info(f"DeepSpeed ZeRO-{rt.zero_stage}, optimizer {rt.optimizer_kind}{fused}, world {rt.world_size}, "
                       f"micro {rt.layout.micro_batch_size} x accum {rt.layout.grad_accum} x dp "
                       f"{rt.layout.data_parallel_size} = global {rt.layout.global_batch_size}")
     return engine
