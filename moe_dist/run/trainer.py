@@ -73,6 +73,11 @@ class Trainer:
         self.watch: Any = None  # the progress watchdog (run/watchdog.py): beat(phase, step, long) marks progress
         self.count_syncs = count_syncs_from_env()  # MOE_DIST_COUNT_SYNCS=1: host_syncs per step in the metrics
 
+    def _beat(self, phase: str, step: int, long: bool = False) -> None:
+        """Tell the progress watchdog (if armed) which phase of which step this rank is in."""
+        if self.watch is not None:
+            self.watch.beat(phase, step, long=long)
+
     # ------------------------------------------------------------------ one step
     def _moe_stats(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Tokens per expert and dropped assignments of the last forward, summed over layers (on the device)."""
@@ -102,7 +107,7 @@ class Trainer:
         acc = StepAccumulator(self.cfg.model.num_experts, self.rt.device)
         self.engine.train()
         first_micro = self.rt.rank * len(micro)  # index of this rank's first micro-batch in the global batch
-        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
+        beat = self._beat
         for i, idx in enumerate(micro):
             beat(f"forward/backward of micro-batch {i + 1}/{len(micro)}", step + 1)
             torch.manual_seed(micro_seed(self.cfg.train.seed, step, first_micro + i))
@@ -168,8 +173,11 @@ class Trainer:
             after_step: Optional[Callable[[], None]] = None) -> None:
         """Train until ``train.max_steps``; ``after_step`` runs checkpointing, ``should_stop`` signals."""
         every = self.cfg.train.eval_every
-        beat = self.watch.beat if self.watch is not None else (lambda *a, **k: None)
-        while self.state.step < self.cfg.train.max_steps and (beat("stop vote", self.state.step + 1) or not should_stop()):
+        beat = self._beat
+        while self.state.step < self.cfg.train.max_steps:
+            beat("stop vote", self.state.step + 1)
+            if should_stop():
+                break
             record = self.train_step()
             if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.max_steps):
                 beat("validation", self.state.step, long=True)
