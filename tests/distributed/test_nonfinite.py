@@ -38,7 +38,9 @@ def _strict_rows(out: Path) -> list[dict]:
 def test_lr_1e6_stops_with_the_divergence_code(tmp_path, name, args):
     out = tmp_path / name
     res = train(out, 2, *args, "--lr", "1e6", "--max-steps", "30", "--save-every", "1",
-                "--set", "train.max_nonfinite_steps=2", check=False)
+                "--set", "train.max_nonfinite_steps=2", check=False, stop_on_failure=False)
+    # every rank decides from the same all-reduced norm, so every rank stops by itself with the code;
+    # stop_on_failure=False, or the harness kills the slower rank the moment the faster one exits
     assert [r.returncode for r in res] == [exit_codes.DIVERGED] * 2, res[0].output[-3000:]
     line = error_line(res[0].output)
     assert line.startswith("error: training diverged at step ") and "2 non-finite step(s) in a row" in line
