@@ -157,13 +157,23 @@ def run(ctx: Context) -> Section:
     # One intra-op thread: the machine is shared, and 2 OpenMP threads on 2 busy cores measure
     # scheduling more than the layers (the multi-rank sections run 1 thread per rank as well).
     torch.set_num_threads(1)
+    from moe_dist.run.host_memory import keep_freed_host_memory, restore_glibc_defaults
+
     saved = _init_single_rank_group()
     try:
         res = measure(tokens_list, reps, min_seconds)
+        # Again under the host-memory policy moe_dist's CPU training runs use (run/host_memory.py),
+        # then back to glibc's defaults for the sections after this one.
+        policy = keep_freed_host_memory()
+        try:
+            kept = measure(tokens_list, reps, min_seconds)
+        finally:
+            restore_glibc_defaults()
     finally:
         _close_group(saved)
         torch.set_num_threads(threads)
-    sec.data = {str(T): r for T, r in res.items()}
+    sec.data = {"glibc_default": {str(T): r for T, r in res.items()},
+                "freed_blocks_kept": {str(T): r for T, r in kept.items()}, "policy": policy}
     names = list(next(iter(res.values()))["tokens_per_s"])
     rows = []
     for T, r in res.items():
@@ -177,12 +187,15 @@ def run(ctx: Context) -> Section:
                          "1.00x" if n == "ours" else ratio(ours, tps)])
     sec.table(["tokens", "layer", "tokens/s (median)", "tokens/s range", "dropped assignments", "ours / this"],
               rows, caption=f"forward+backward, d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-{TOP_K}; "
-                            f"median of {reps} interleaved repetitions")
-    sec.table(["tokens", "ours / DeepSpeed cf=1", "ours / DeepSpeed dropless", "ours / dense (compute limit)"],
-              [[f"{T:,}", ratio(r["tokens_per_s"]["ours"], r["tokens_per_s"]["DeepSpeed cf=1"]),
+                            f"median of {reps} interleaved repetitions, glibc's default allocator")
+    sec.table(["host memory", "tokens", "ours / DeepSpeed cf=1", "ours / DeepSpeed dropless",
+               "ours / dense (compute limit)"],
+              [[mode, f"{T:,}", ratio(r["tokens_per_s"]["ours"], r["tokens_per_s"]["DeepSpeed cf=1"]),
                 ratio(r["tokens_per_s"]["ours"], r["tokens_per_s"]["DeepSpeed dropless"]),
-                ratio(r["tokens_per_s"]["ours"], r["tokens_per_s"]["dense"])] for T, r in res.items()],
-              caption="ratios of tokens/s (> 1: ours is faster)")
+                ratio(r["tokens_per_s"]["ours"], r["tokens_per_s"]["dense"])]
+               for mode, rs in (("glibc default", res), ("freed blocks kept", kept)) for T, r in rs.items()],
+              caption="ratios of tokens/s (> 1: ours is faster); 'freed blocks kept' is the second pass, under "
+                      f"moe_dist's CPU host-memory policy: {policy}")
     inner = ", ".join(f"{r['inner']} at {T:,} tokens" for T, r in res.items())
     sec.note(f"torch intra-op threads: 1 (of {threads}). One repetition of a contender = back-to-back steps "
              f"({inner}), timed together and divided. Ours drops nothing by construction "

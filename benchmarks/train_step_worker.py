@@ -9,6 +9,10 @@ read-back. The other contenders share one bare copy of the same model (``model.b
 seed) and one fused ``torch.optim.AdamW`` (clipping at ``train.grad_clip`` as moe_dist does), and step
 the same micro-batches with plain PyTorch, no engine:
 
+* ``engine``: moe_dist's engine (DeepSpeed or FSDP2, as built for ``moe``) stepped the bare way:
+  forward, backward and step of the same micro-batches, without the trainer around them (no LR
+  schedule, metrics, guard or heartbeat). ``moe / engine`` is moe_dist's own cost, ``engine / bare``
+  the engine library's;
 * ``bare``: the model as moe_dist computes it (grouped experts where they run);
 * ``bare_loop``: the experts' loop kernel (one matmul chain per expert);
 * ``bare_seed``: the seed trainer's dispatch, as its description reads (for each expert, a boolean
@@ -84,11 +88,15 @@ def build(flags: list[str]) -> dict[str, Any]:
     from moe_dist.data.sampler import GlobalCursorSampler
     from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.run.cli import parse
+    from moe_dist.run.host_memory import for_training_on
     from moe_dist.run.metrics import MetricsLog
     from moe_dist.run.trainer import Trainer
 
     args, cfg = parse(flags)
     rt = init_runtime(cfg, args.deepspeed_config)
+    host_memory = for_training_on(rt.device.type)  # as train.py; process-wide: the bare loop runs under it too
+    if host_memory:
+        print(host_memory, flush=True)
     data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     model, engine = build_engine(rt, cfg)
     sampler = GlobalCursorSampler(len(data.train_blocks), cfg.train.global_batch_size, cfg.train.seed)
@@ -134,7 +142,18 @@ def contenders(b: dict[str, Any], names: list[str]) -> dict[str, Callable[[], No
             opt.zero_grad(set_to_none=True)
         return step
 
-    every = {"moe": b["trainer"].train_step, "bare": bare_step(b["kernel"], local),
+    engine = b["trainer"].engine
+
+    def engine_step() -> None:
+        idx = b["sampler"].next_global_batch()
+        for mb in b["sampler"].rank_share(idx, 0, 1, rt.layout.micro_batch_size):
+            block = b["data"].train_blocks[mb].to(rt.device)
+            logits, aux = engine(block[:, :-1])
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+            engine.backward(ce + aux)
+            engine.step()
+
+    every = {"moe": b["trainer"].train_step, "engine": engine_step, "bare": bare_step(b["kernel"], local),
              "bare_loop": bare_step("loop", local), "bare_seed": bare_step(b["kernel"], seed)}
     return {n: every[n] for n in names}
 

@@ -177,6 +177,7 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     from moe_dist.logging_utils import get_logger
     from moe_dist.parallel.runtime import build_engine, init_runtime
     from moe_dist.run.folder import check_fresh_start, set_aside_later_checkpoints
+    from moe_dist.run.host_memory import for_training_on
     from moe_dist.run.lock import hold_run_folder
     from moe_dist.run import watchdog
     from moe_dist.run.trainer import Trainer
@@ -186,6 +187,9 @@ def _train(cfg, args, held: ExitStack) -> int:  # noqa: ANN001 - internal
     report_to = trackers.requested(cfg)  # a tracker that is not installed fails now
     _check_output_dir(cfg.checkpoint.output_dir)
     rt = init_runtime(cfg, args.deepspeed_config, trackers.accelerator_kwargs(report_to, cfg.checkpoint.output_dir))
+    host_memory = for_training_on(rt.device.type)  # before the data and the engine allocate
+    if host_memory and rt.is_main:
+        get_logger().info(host_memory)
     # One live writer per folder: a second run stops here, on every rank, before it reads the folder.
     lock = hold_run_folder(cfg.checkpoint.output_dir, rt.rank)
     if lock is not None:
