@@ -6,15 +6,16 @@ buffers every step (gradients, DeepSpeed's flattened partition and fp64 norm cop
 layer's activations), so every step touches hundreds of MB of new pages and the kernel zeroes each
 page on its first touch. Measured on the ``100m`` preset under ZeRO-2 on one CPU process: 380,000
 minor faults and about 1.1 s of kernel time a step against a 2.2 s bare step; with freed blocks
-kept, 5 faults and 0.01 s (``benchmarks/results/2026-12-03-train-step``). CUDA's caching allocator
+kept, 5 faults and 0.01 s (``benchmarks/results/2026-12-03-train-step-kept``). CUDA's caching allocator
 does the same for GPU memory; this is its host-side counterpart.
 
 :func:`keep_freed_host_memory` raises glibc's mmap threshold to 1 GiB and its trim threshold to
 2 GiB (``mallopt``): allocations below 1 GiB come from the heap and freed memory up to 2 GiB stays
 mapped for reuse. The cost is resident memory: the process keeps up to 2 GiB of freed heap, and a
 pattern that fragments the heap can hold more before it settles (+0.35 GB on that ``100m`` run, 4.8
--> 5.15 GB peak). So it is applied to runs that train on the CPU only (``train.py`` and the
-benchmarks' worker call it there); a GPU run's host side allocates little per step. It does nothing when the user chose an allocator policy (``MALLOC_MMAP_THRESHOLD_``,
+-> 5.15 GB peak). So it is applied to runs that train on the CPU only (:func:`for_training_on`,
+called by ``train.py`` and the benchmarks' worker); a GPU run's host side allocates little per
+step. It does nothing when the user chose an allocator policy (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``, a preloaded jemalloc or tcmalloc), outside glibc,
 or with ``MOE_DIST_KEEP_FREED_MEMORY=0``. Torch-free.
 """
