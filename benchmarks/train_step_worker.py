@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,17 +125,24 @@ def contenders(b: dict[str, Any], names: list[str]) -> dict[str, Callable[[], No
     local, seed = layers[0].dispatcher, SeedDispatcher(cfg.model.num_experts)
     clip, params = cfg.train.clip_norm(), [p for p in bare.parameters() if p.requires_grad]
 
+    def micro_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) of each micro-batch of the next global batch, on the device."""
+        idx = b["sampler"].next_global_batch()
+        for mb in b["sampler"].rank_share(idx, 0, 1, rt.layout.micro_batch_size):
+            block = b["data"].train_blocks[mb].to(rt.device)
+            yield block[:, :-1], block[:, 1:]
+
+    def loss(logits: torch.Tensor, aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)) + aux
+
     def bare_step(kernel: str, dispatcher: Any) -> Callable[[], None]:
         def step() -> None:
             for layer in layers:
                 layer.experts.kernel, layer.dispatcher = kernel, dispatcher
-            idx = b["sampler"].next_global_batch()
-            for mb in b["sampler"].rank_share(idx, 0, 1, rt.layout.micro_batch_size):
-                block = b["data"].train_blocks[mb].to(rt.device)
+            for inputs, targets in micro_batches():
                 with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=b["bf16"]):
-                    logits, aux = bare(block[:, :-1])
-                ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
-                ((ce + aux) / rt.layout.grad_accum).backward()
+                    logits, aux = bare(inputs)
+                (loss(logits, aux, targets) / rt.layout.grad_accum).backward()
             if clip > 0:  # the same maths as moe_dist's step: clipped at the same global norm
                 torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             opt.step()
@@ -145,12 +152,9 @@ def contenders(b: dict[str, Any], names: list[str]) -> dict[str, Callable[[], No
     engine = b["trainer"].engine
 
     def engine_step() -> None:
-        idx = b["sampler"].next_global_batch()
-        for mb in b["sampler"].rank_share(idx, 0, 1, rt.layout.micro_batch_size):
-            block = b["data"].train_blocks[mb].to(rt.device)
-            logits, aux = engine(block[:, :-1])
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
-            engine.backward(ce + aux)
+        for inputs, targets in micro_batches():
+            logits, aux = engine(inputs)
+            engine.backward(loss(logits, aux, targets))
             engine.step()
 
     every = {"moe": b["trainer"].train_step, "engine": engine_step, "bare": bare_step(b["kernel"], local),
