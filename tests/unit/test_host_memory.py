@@ -77,3 +77,17 @@ def test_opt_out_leaves_glibc_alone():
 def test_a_policy_the_user_chose_wins(env, reason):
     assert _skip_reason(env) == reason
     assert keep_freed_host_memory(env) == f"host memory: glibc's allocator left as it is ({reason})"
+
+
+def test_restoring_the_defaults_leaves_a_user_policy_alone(monkeypatch):
+    from moe_dist.run import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "_mallopt", lambda option, value: calls.append((option, value)) or 1)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    host_memory.restore_glibc_defaults()
+    assert calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv(OPT_OUT, raising=False)
+    host_memory.restore_glibc_defaults()
+    assert calls == ([] if _skip_reason(os.environ) else [(-1, 128 * 1024), (-3, 128 * 1024)])
