@@ -182,6 +182,17 @@ class GroupedExperts(nn.Module):
         """Global ids of the experts held, in row order."""
         return range(self.first, self.first + self.num_local)
 
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - a parameter, buffer, module or expert row
+        """Also ``experts.<e>`` for a held global id ``e``: that expert's rows (:class:`ExpertRows`), so
+        the per-expert names ``state_dict()`` gives resolve as attributes, as torch's
+        ``get_model_state_dict`` / ``set_model_state_dict`` resolve every key they are given."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.isdigit() and "first" in self.__dict__ and int(name) in self.ids:
+                return ExpertRows(self, int(name) - self.first)
+            raise
+
     def keep(self, ids: range) -> None:
         """Keep only the experts ``ids`` (a contiguous range of the held ones): expert parallelism."""
         if not ids or ids.step != 1 or ids.start < self.first or ids.stop > self.first + self.num_local:
@@ -223,6 +234,27 @@ class GroupedExperts(nn.Module):
                 h_NF = expert_dropout(h_NF, key_N, drop)
             outs.append(h_NF @ self.w_down[j].T)
         return torch.cat(outs, 0) if outs else x_AD
+
+
+class ExpertRows:
+    """Expert ``first + j`` of a :class:`GroupedExperts`, seen the way its state-dict names read:
+    ``rows.w_up.weight`` is row ``j`` of the stacked ``w_up`` (a view: writes reach the parameter)."""
+
+    def __init__(self, experts: GroupedExperts, j: int) -> None:
+        self._experts, self._j = experts, j
+
+    def __getattr__(self, matrix: str) -> Any:  # noqa: ANN401
+        if matrix.startswith("_") or matrix not in self._experts.matrices:
+            raise AttributeError(f"expert {self._experts.first + self._j} has no matrix {matrix!r}; "
+                                 f"it has {self._experts.matrices}")
+        return _Weight(getattr(self._experts, matrix)[self._j])
+
+
+class _Weight:
+    """``<matrix>.weight`` of one expert: what an ``nn.Linear`` would hold."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
 
 
 def _per_expert_state(module: GroupedExperts, state: dict[str, Any], prefix: str, _meta: Any) -> None:

@@ -8,7 +8,10 @@ Then:
 * a plain FSDP2 copy of the model (``fully_shard`` per block, 2 gloo ranks, other boxes than the
   saving ranks owned) loads ``model.*`` with ``set_model_state_dict`` and gives the same logits;
 * the optimizer keys are exactly the ones ``get_optimizer_state_dict`` (which FSDP2 and torchtitan
-  use) gives for AdamW.
+  use) gives for AdamW, once each stacked expert matrix is named per expert.
+
+The per-expert names resolve on the model as attributes (``experts.<e>.w_up.weight``:
+``model/experts.GroupedExperts.__getattr__``), which is what torch's state-dict functions need.
 """
 
 from __future__ import annotations
@@ -61,7 +64,6 @@ def test_dcp_to_torch_save_gives_a_state_dict_the_model_loads_as_is(saved, tmp_p
     assert step.dim() == 0 and float(step) == 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="experts are stacked (one (E, F, D) parameter per matrix) while checkpoints keep per-expert keys; torch's get_model_state_dict / get_optimizer_state_dict name the stacked parameter, so this interop needs a key mapping (open, issue 25 note)")
 def test_fsdp2_model_loads_our_checkpoint_with_set_model_state_dict(saved, tmp_path):
     ckpt, tokens, reference = saved
     torch.save(tokens, tmp_path / "tokens.pt")
@@ -72,11 +74,14 @@ def test_fsdp2_model_loads_our_checkpoint_with_set_model_state_dict(saved, tmp_p
     assert (logits - reference).abs().max().item() <= 1e-5, (logits - reference).abs().max()
 
 
-@pytest.mark.xfail(strict=True, reason="experts are stacked (one (E, F, D) parameter per matrix) while checkpoints keep per-expert keys; torch's get_model_state_dict / get_optimizer_state_dict name the stacked parameter, so this interop needs a key mapping (open, issue 25 note)")
 def test_optimizer_keys_are_the_ones_get_optimizer_state_dict_uses(saved):
     """AdamW after one step, flattened the way DCP flattens ``{"optim": get_optimizer_state_dict(...)}``
-    (parameter groups aside: the LR schedule lives in train_state.json), key for key."""
+    (parameter groups aside: the LR schedule lives in train_state.json), key for key, but for one
+    rule: torch names a stacked expert matrix once (``experts.w_up``), the checkpoint names its rows
+    per expert (``experts.<e>.w_up.weight``), as ``state_dict()`` does (``model.experts.expert_rows``)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from moe_dist.model.experts import expert_rows
 
     ckpt, tokens, _ = saved
     model, _, _ = load_model_for_inference(ckpt)
@@ -88,6 +93,8 @@ def test_optimizer_keys_are_the_ones_get_optimizer_state_dict_uses(saved):
             p.grad = torch.zeros_like(p)
     opt.step()
     osd = get_optimizer_state_dict(model, opt)
-    theirs = {f"optim.state.{name}.{state}" for name, states in osd["state"].items() for state in states}
+    assert any(expert_rows(model, name) for name in osd["state"])  # the rule is exercised
+    theirs = {f"optim.state.{row}.{state}" for name, states in osd["state"].items()
+              for row in expert_rows(model, name) or [name] for state in states}
     ours = {k for k in read_saved_keys(str(ckpt)).sizes if k.startswith("optim.")}
     assert theirs == ours, sorted(theirs ^ ours)[:6]
